@@ -1,0 +1,20 @@
+"""olmo2_kernels: fused kernels for OLMo 2 (RMSNorm, QK-norm + RoPE, SwiGLU,
+cross-entropy with z-loss, fused linear + cross-entropy).
+
+Each op is a drop-in function with forward and backward, registered as a
+``torch.library`` custom op so ``torch.compile`` traces through it. The backend
+(``torch`` reference, ``triton``, compiled ``cuda``/``cpu``) is chosen per call
+by :func:`use_backend`, the ``OLMO2_KERNELS_BACKEND`` variable, or ``auto``.
+"""
+from ._backend import BackendUnavailableError, backend_info, use_backend
+from .rms_norm import RMSNorm, rms_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "RMSNorm",
+    "backend_info",
+    "rms_norm",
+    "use_backend",
+]

@@ -1,0 +1,182 @@
+"""RMSNorm: ``x * rsqrt(mean(x^2) + eps) * weight`` over the last dim.
+
+Layers, top to bottom: Triton kernels; launchers; the ``torch.library`` custom
+ops (forward and backward, with fake implementations) and their autograd
+registration; the functional API; the ``nn.Module`` drop-in. The spec is
+:func:`olmo2_kernels.reference.rms_norm`.
+
+Forward saves the per-row ``rstd`` (fp32) for the backward. The backward
+computes ``dx`` row by row and the weight gradient as fp32 partial sums, one per
+program over a contiguous block of rows, summed in a second pass: no atomics,
+no bf16 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import _backend, _compiled, _validate, reference
+from ._triton import as_rows, num_warps_for, reduction_programs, row_block, tl, triton
+
+OP = "rms_norm"
+
+# --------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(
+        X, W, Y, RSTD,
+        stride_x, stride_y, n_cols, eps,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        tl.store(Y + row * stride_y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(
+        DY, X, W, RSTD, DX, DW_PARTIAL,
+        stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        row_start = pid.to(tl.int64) * rows_per_program
+        for i in range(0, rows_per_program):
+            row = row_start + i
+            m = mask & (row < n_rows)
+            dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row, mask=row < n_rows, other=0.0)
+            xhat = x * rstd
+            wdy = w * dy
+            c = tl.sum(xhat * wdy, axis=0) / n_cols
+            dx = (wdy - xhat * c) * rstd
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+            dw_acc += dy * xhat
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+def _fwd_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    n_rows, n_cols = x.shape
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, rstd
+    block = row_block(OP, "x", n_cols)
+    _rms_norm_fwd_kernel[(n_rows,)](
+        x, weight, y, rstd, x.stride(0), y.stride(0), n_cols, eps,
+        BLOCK=block, num_warps=num_warps_for(block),
+    )
+    return y, rstd
+
+
+def _bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    n_rows, n_cols = x.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return dx, torch.zeros_like(weight)
+    block = row_block(OP, "x", n_cols)
+    programs = reduction_programs(n_rows, x.device)
+    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    _rms_norm_bwd_kernel[(programs,)](
+        dy, x, weight, rstd, dx, partial,
+        dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+        BLOCK=block, num_warps=num_warps_for(block),
+    )
+    return dx, partial.sum(0).to(weight.dtype)
+
+
+_FWD = {"triton": _fwd_triton, "cpu": _compiled.rms_norm_fwd, "cuda": _compiled.rms_norm_fwd}
+_BWD = {"triton": _bwd_triton, "cpu": _compiled.rms_norm_bwd, "cuda": _compiled.rms_norm_bwd}
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("olmo2_kernels::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    """Returns ``y`` (shape and dtype of x) and the per-row fp32 ``rstd``."""
+    rows = as_rows(x)
+    y, rstd = _FWD[backend](rows, weight.contiguous(), eps)
+    return y.view(x.shape), rstd
+
+
+@rms_norm_fwd.register_fake
+def _(x: Tensor, weight: Tensor, eps: float, backend: str) -> tuple[Tensor, Tensor]:
+    n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(n_rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("olmo2_kernels::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """Returns ``dx`` (shape and dtype of x) and ``dweight`` (dtype of weight)."""
+    dx, dw = _BWD[backend](as_rows(dy), as_rows(x), weight.contiguous(), rstd)
+    return dx.view(x.shape), dw
+
+
+@rms_norm_bwd.register_fake
+def _(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _eps, backend = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy: Tensor, _drstd: Tensor | None):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_bwd(dy, x, weight, rstd, ctx.backend)
+    return dx, dw, None, None
+
+
+rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- functional API
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim of ``x`` (any leading dims), output in x's dtype.
+
+    Statistics are computed in fp32. ``weight`` has shape ``(x.shape[-1],)`` and
+    may have another float dtype than ``x`` (e.g. fp32 weights, bf16 inputs).
+    """
+    _validate.tensor(OP, "x", x)
+    _validate.tensor(OP, "weight", weight)
+    _validate.shape(OP, "weight", weight, (x.shape[-1],), "the last dim of x")
+    _validate.same_device(OP, x=x, weight=weight)
+    eps = _validate.positive_float(OP, "eps", eps)
+    backend = _backend.resolve(OP, x.device, x.dtype)
+    if backend == "torch":
+        return reference.rms_norm(x, weight, eps)
+    y, _ = rms_norm_fwd(x, weight, eps, backend)
+    return y
+
+
+class RMSNorm(nn.Module):
+    """Drop-in RMSNorm module (no bias, weight initialized to ones)."""
+
+    def __init__(self, size: int, eps: float = 1e-6, device=None, dtype=None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
