@@ -7,7 +7,11 @@ Each op is a drop-in function with forward and backward, registered as a
 by :func:`use_backend`, the ``OLMO2_KERNELS_BACKEND`` variable, or ``auto``.
 """
 from ._backend import BackendUnavailableError, backend_info, use_backend
+from .cross_entropy import cross_entropy
+from .linear_cross_entropy import linear_cross_entropy
+from .qk_norm_rope import qk_norm_rope, rope_cos_sin
 from .rms_norm import RMSNorm, rms_norm
+from .swiglu import swiglu
 
 __version__ = "0.1.0"
 
@@ -15,6 +19,11 @@ __all__ = [
     "BackendUnavailableError",
     "RMSNorm",
     "backend_info",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "qk_norm_rope",
     "rms_norm",
+    "rope_cos_sin",
+    "swiglu",
     "use_backend",
 ]

@@ -47,6 +47,14 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _stack: list[str] = []
 
+# Ops whose Triton kernels are defined, filled by the op modules at import.
+_TRITON_OPS: set[str] = set()
+
+
+def register_triton(op: str) -> None:
+    """Declare that ``op`` has Triton kernels (called by its module)."""
+    _TRITON_OPS.add(op)
+
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run the op on the given device."""
@@ -94,6 +102,8 @@ def unavailable_reason(backend: str, device_type: str, op: str | None = None) ->
     if backend == "triton":
         if _triton_import_error:
             return _triton_import_error
+        if op is not None and op not in _TRITON_OPS:
+            return f"no Triton kernel for {op}"
         if device_type == "cuda":
             return None if torch.cuda.is_available() else "no CUDA device"
         if device_type == "cpu":

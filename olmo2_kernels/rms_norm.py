@@ -65,6 +65,9 @@ if triton is not None:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
 
 
+    _backend.register_triton(OP)
+
+
 # --------------------------------------------------------------------------- launchers
 def _fwd_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     n_rows, n_cols = x.shape
