@@ -1,0 +1,198 @@
+"""Text generation with a KV cache, and the ``olmo2-generate`` command.
+
+:func:`generate` runs the prompt once (prefill), then one token per step,
+keys and values of earlier positions coming from a preallocated
+:class:`olmo2.model.KVCache`. Greedy when ``temperature`` is 0, else sampling
+from the temperature-scaled distribution cut to its top-p nucleus.
+
+Batches may be left-padded: pass ``attention_mask`` (1 for tokens, 0 for
+padding); positions then count real tokens only (``cumsum(mask) - 1``, as
+``transformers`` does), so a padded row continues exactly as it would alone.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+import olmo2_kernels
+
+from .model import KVCache, Olmo2ForCausalLM
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
+    if eos_token_id is None:
+        return []
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"generate: eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return ids
+
+
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """Next token per row of ``logits`` (B, V): argmax when temperature is 0."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already hold top_p of the
+        # mass; the most likely token is always kept.
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: Olmo2ForCausalLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    attention_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    pad_token_id: int | None = None,
+) -> Tensor:
+    """Continue ``input_ids`` (B, T) by up to ``max_new_tokens`` tokens.
+
+    Returns (B, T + n) ids, prompt included. A row that emits an eos id is
+    finished: its later positions hold ``pad_token_id`` (default: the config's,
+    else the first eos id), and generation stops once every row is finished.
+    ``eos_token_id`` None uses ``model.config.eos_token_id``; pass ``[]`` to
+    never stop early. ``generator`` (on the model's device) makes sampling
+    reproducible.
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dtype not in _INDEX_DTYPES or input_ids.dim() != 2:
+        raise TypeError(
+            "generate: input_ids must be an int64/int32 tensor of shape (batch, seq), got "
+            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}"
+        )
+    if input_ids.shape[1] == 0:
+        raise ValueError("generate: input_ids must hold at least one token per row")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"generate: max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"generate: temperature must be a number >= 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p!r}")
+    config = model.config
+    eos = _eos_ids(config.eos_token_id if eos_token_id is None else eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    cache = KVCache(len(model.model.layers), capacity=prompt_len + max_new_tokens)
+    mask = position_ids = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (batch, prompt_len):
+            raise ValueError(
+                f"generate: attention_mask must be a tensor of the shape of input_ids {(batch, prompt_len)}, got "
+                f"{tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}"
+            )
+        mask = attention_mask.to(device=device, dtype=torch.int64)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    eos_tensor = torch.tensor(eos, device=device, dtype=input_ids.dtype)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    step_ids = input_ids
+    new_tokens: list[Tensor] = []
+    for _ in range(max_new_tokens):
+        hidden, cache = model.model(step_ids, mask, position_ids, cache, use_cache=True)
+        logits = model.lm_head(hidden[:, -1])
+        token = sample_next(logits, float(temperature), float(top_p), generator).to(input_ids.dtype)
+        if eos:
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            finished |= torch.isin(token, eos_tensor)
+        new_tokens.append(token)
+        if eos and bool(finished.all()):
+            break
+        step_ids = token[:, None]
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+    if not new_tokens:
+        return input_ids.clone()
+    return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+# --------------------------------------------------------------------------- CLI
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="olmo2-generate",
+        description="Continue a prompt with an OLMo 2 checkpoint folder (Hugging Face layout plus tokenizer.json).",
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder: config.json, *.safetensors, tokenizer.json")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda", "cpu"],
+                   help="olmo2_kernels backend (default: OLMO2_KERNELS_BACKEND or auto)")
+    p.add_argument("--attn-backend", default=None, choices=["sdpa", "eager", "flash_attn"],
+                   help="attention implementation (default: the checkpoint config's, sdpa)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.model):
+        parser.error(f"--model: {args.model} is not a folder")
+    tokenizer_path = os.path.join(args.model, "tokenizer.json")
+    if not os.path.isfile(tokenizer_path):
+        parser.error(f"--model: {args.model} has no tokenizer.json")
+    if args.max_new_tokens < 0:
+        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        parser.error("--prompt encodes to no tokens")
+    model = Olmo2ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device, attn_backend=args.attn_backend)
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    backend = olmo2_kernels.use_backend(args.backend) if args.backend else contextlib.nullcontext()
+    with backend:
+        out = generate(
+            model,
+            torch.tensor([ids], device=device),
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            generator=generator,
+        )
+    continuation = out[0, len(ids):].tolist()
+    sys.stdout.write(tokenizer.decode(continuation, skip_special_tokens=True) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
