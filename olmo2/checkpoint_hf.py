@@ -291,17 +291,21 @@ def save_pretrained(model: Olmo2ForCausalLM, path: str | os.PathLike, max_shard_
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        _write_json(tmp / CONFIG_NAME, model.config.to_hf(dtype=dtype_name))
+        # safetensors may create files owner-only; give shards the mode that
+        # plain open() gave config.json under the user's umask.
+        file_mode = (tmp / CONFIG_NAME).stat().st_mode & 0o777
         weight_map = {}
         for i, names in enumerate(shards):
             file = SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {n: state[n].to("cpu").contiguous() for n in names}
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            del tensors
+            os.chmod(tmp / file, file_mode)
             _fsync(tmp / file)
             weight_map.update({n: file for n in names})
-            del tensors
         if len(shards) > 1:
             _write_json(tmp / SAFE_INDEX_NAME, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
-        _write_json(tmp / CONFIG_NAME, model.config.to_hf(dtype=dtype_name))
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,16 +30,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_key_value_heads=40, intermediate_size=13824),
     "olmo2-32b": dict(_DOLMA2, hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
                       num_key_value_heads=8, intermediate_size=27648),
-    # A CPU demo run: about 3.4M parameters, a 512-entry vocabulary (room for a
-    # byte-level tokenizer of ~260 ids; its special ids are set by the trainer).
+    # A CPU demo run: about 3.4M parameters, a 512-entry vocabulary (room for
+    # olmo2.byte_tokenizer: bytes 0..255, eos 256, pad 257).
     "olmo2-tiny": dict(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=4, intermediate_size=688, max_position_embeddings=512,
-                       eos_token_id=None, pad_token_id=None),
+                       eos_token_id=256, pad_token_id=257),
     # Unit tests: a few hundred thousand parameters, GQA (2 kv heads for 4 heads)
     # so that path is exercised everywhere the preset is used.
     "olmo2-test": dict(vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, intermediate_size=160, max_position_embeddings=128,
-                       eos_token_id=None, pad_token_id=None),
+                       eos_token_id=256, pad_token_id=257),
 }
 
 def _is_int(value: object) -> bool:
