@@ -465,11 +465,6 @@ class Olmo2ForCausalLM(nn.Module):
 
 
 # --------------------------------------------------------------------------- input checks
-def _range_checks_enabled(t: Tensor) -> bool:
-    # The same policy as olmo2_kernels' label checks: free on CPU; on CUDA a host
-    # sync, so only with OLMO2_KERNELS_CHECK_LABELS=1.
-    return (t.device.type == "cpu" or _validate._CHECK_LABELS_ON_DEVICE) and not torch.compiler.is_compiling()
-
 
 def _check_input_ids(input_ids: object, vocab_size: int) -> None:
     op = "Olmo2ForCausalLM.forward"
@@ -479,7 +474,7 @@ def _check_input_ids(input_ids: object, vocab_size: int) -> None:
         raise TypeError(f"{op}: input_ids must be int64 or int32, got {input_ids.dtype}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"{op}: input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
-    if _range_checks_enabled(input_ids) and input_ids.numel():
+    if _validate.range_checks_enabled(input_ids) and input_ids.numel():
         bad = (input_ids < 0) | (input_ids >= vocab_size)
         if bool(bad.any()):
             b, t = (int(i) for i in bad.nonzero()[0])
@@ -501,7 +496,7 @@ def _check_labels(labels: object, input_ids: Tensor, vocab_size: int) -> None:
         )
     if labels.device != input_ids.device:
         raise ValueError(f"{op}: labels is on {labels.device} but input_ids is on {input_ids.device}")
-    if _range_checks_enabled(labels) and labels.numel():
+    if _validate.range_checks_enabled(labels) and labels.numel():
         bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
         if bool(bad.any()):
             b, t = (int(i) for i in bad.nonzero()[0])

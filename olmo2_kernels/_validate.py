@@ -77,7 +77,7 @@ def labels(op: str, labels_: object, n_tokens: int, vocab_size: int, ignore_inde
         raise ValueError(f"{op}: labels is on {t.device} but the inputs are on {device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if (t.device.type == "cpu" or _CHECK_LABELS_ON_DEVICE) and t.numel() and not _compiling():
+    if t.numel() and range_checks_enabled(t):
         bad = (t != ignore_index) & ((t < 0) | (t >= vocab_size))
         if bool(bad.any()):
             idx = int(bad.nonzero()[0, 0])
@@ -88,5 +88,8 @@ def labels(op: str, labels_: object, n_tokens: int, vocab_size: int, ignore_inde
     return t
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+def range_checks_enabled(t: Tensor) -> bool:
+    """Whether value-range checks (labels, token ids) run for ``t``: always on CPU,
+    on other devices only with OLMO2_KERNELS_CHECK_LABELS=1 (they cost a host
+    sync), never while torch.compile traces."""
+    return (t.device.type == "cpu" or _CHECK_LABELS_ON_DEVICE) and not torch.compiler.is_compiling()
