@@ -5,13 +5,31 @@ k projection (``Hk * head_dim``; Hk may be smaller: GQA), then the
 non-interleaved ("rotate_half") rotary embedding on every head. Inputs keep
 their (..., T, H*head_dim) layout; outputs have the input shapes. The spec is
 :func:`olmo2_kernels.reference.qk_norm_rope`.
+
+Layers, top to bottom: ``rope_cos_sin``; Triton kernels; launchers; the
+``torch.library`` custom ops (forward and backward, with fake implementations)
+and their autograd registration; the functional API.
+
+One kernel pass per projection and direction. A program owns one row (one
+token of q or of k) and holds it as a (heads, head_dim / 2) tile per half, so
+rotate_half pairs element ``j`` of the first half with element ``j`` of the
+second half of the same head without reloading anything. The forward saves the
+per-row fp32 ``rstd``. The backward applies the transpose of the rotation to
+the incoming gradient, then the RMSNorm backward over the whole row; the weight
+gradient is summed in fp32, one partial per program over a contiguous block of
+rows, and the partials are summed in a second pass: no atomics, no bf16
+accumulation. cos and sin are read as fp32 tables (the spec rotates in fp32)
+and receive no gradient.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
-from . import _backend, _validate, reference
+from . import _backend, _compiled, _validate, reference
+from ._triton import MAX_FUSED_WIDTH, as_rows, next_power_of_2, num_warps_for, reduction_programs, row_block, tl, triton
 
 OP = "qk_norm_rope"
 
@@ -41,6 +59,238 @@ def rope_cos_sin(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+# --------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _norm_rope_fwd_kernel(
+        X, W, COS, SIN, Y, RSTD,
+        stride_x, stride_y, seq_len, n_heads, eps,
+        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        n_cols = n_heads * (2 * HALF)
+        head = tl.arange(0, BLOCK_H)[:, None]
+        j = tl.arange(0, BLOCK_HALF)[None, :]
+        in_half = j < HALF
+        mask = (head < n_heads) & in_half
+        lo = head * (2 * HALF) + j  # first half of every head; its partner is HALF further
+        hi = lo + HALF
+
+        x1 = tl.load(X + row * stride_x + lo, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(X + row * stride_x + hi, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x1 * x1 + x2 * x2) / n_cols + eps)
+        w1 = tl.load(W + lo, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(W + hi, mask=mask, other=0.0).to(tl.float32)
+        n1 = x1 * rstd * w1
+        n2 = x2 * rstd * w2
+
+        table = (row % seq_len) * (2 * HALF) + j
+        c1 = tl.load(COS + table, mask=in_half, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + table + HALF, mask=in_half, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + table, mask=in_half, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + table + HALF, mask=in_half, other=0.0).to(tl.float32)
+        # out = n * cos + rotate_half(n) * sin with rotate_half(n) = (-n2, n1)
+        y1 = n1 * c1 - n2 * s1
+        y2 = n2 * c2 + n1 * s2
+        tl.store(Y + row * stride_y + lo, y1.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + row * stride_y + hi, y2.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _norm_rope_bwd_kernel(
+        DY, X, W, RSTD, COS, SIN, DX, DW_PARTIAL,
+        stride_dy, stride_x, stride_dx, n_rows, seq_len, n_heads, rows_per_program,
+        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_cols = n_heads * (2 * HALF)
+        head = tl.arange(0, BLOCK_H)[:, None]
+        j = tl.arange(0, BLOCK_HALF)[None, :]
+        in_half = j < HALF
+        mask = (head < n_heads) & in_half
+        lo = head * (2 * HALF) + j
+        hi = lo + HALF
+        w1 = tl.load(W + lo, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(W + hi, mask=mask, other=0.0).to(tl.float32)
+        dw1 = tl.zeros((BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+        dw2 = tl.zeros((BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+        row_start = pid.to(tl.int64) * rows_per_program
+        for i in range(0, rows_per_program):
+            row = row_start + i
+            valid = row < n_rows
+            m = mask & valid
+            # in bounds for rows past the end too: no row mask needed
+            table = (row % seq_len) * (2 * HALF) + j
+            c1 = tl.load(COS + table, mask=in_half, other=0.0).to(tl.float32)
+            c2 = tl.load(COS + table + HALF, mask=in_half, other=0.0).to(tl.float32)
+            s1 = tl.load(SIN + table, mask=in_half, other=0.0).to(tl.float32)
+            s2 = tl.load(SIN + table + HALF, mask=in_half, other=0.0).to(tl.float32)
+            dy1 = tl.load(DY + row * stride_dy + lo, mask=m, other=0.0).to(tl.float32)
+            dy2 = tl.load(DY + row * stride_dy + hi, mask=m, other=0.0).to(tl.float32)
+            # gradient w.r.t. the normalized value: the transpose of the rotation
+            dn1 = dy1 * c1 + dy2 * s2
+            dn2 = dy2 * c2 - dy1 * s1
+            x1 = tl.load(X + row * stride_x + lo, mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(X + row * stride_x + hi, mask=m, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row, mask=valid, other=0.0)
+            xhat1 = x1 * rstd
+            xhat2 = x2 * rstd
+            g1 = dn1 * w1
+            g2 = dn2 * w2
+            c = tl.sum(xhat1 * g1 + xhat2 * g2) / n_cols
+            dx1 = (g1 - xhat1 * c) * rstd
+            dx2 = (g2 - xhat2 * c) * rstd
+            tl.store(DX + row * stride_dx + lo, dx1.to(DX.dtype.element_ty), mask=m)
+            tl.store(DX + row * stride_dx + hi, dx2.to(DX.dtype.element_ty), mask=m)
+            dw1 += dn1 * xhat1
+            dw2 += dn2 * xhat2
+        partial = DW_PARTIAL + pid.to(tl.int64) * n_cols
+        tl.store(partial + lo, dw1, mask=mask)
+        tl.store(partial + hi, dw2, mask=mask)
+
+    _backend.register_triton(OP)
+
+
+# --------------------------------------------------------------------------- launchers
+def _tile(width: int, head_dim: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_HALF): the per-half tile of heads x head_dim/2 that holds a row."""
+    row_block(OP, "q or k", width)
+    block_h, block_half = next_power_of_2(width // head_dim), next_power_of_2(head_dim // 2)
+    if 2 * block_h * block_half > MAX_FUSED_WIDTH:
+        raise ValueError(
+            f"{OP}: a row of {width // head_dim} heads of head_dim {head_dim} pads to "
+            f"{2 * block_h * block_half} elements; the fused row kernel supports up to {MAX_FUSED_WIDTH}"
+        )
+    return block_h, block_half
+
+
+def _fwd_triton(
+    x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, head_dim: int, eps: float
+) -> tuple[Tensor, Tensor]:
+    n_rows, n_cols = x.shape
+    y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, rstd
+    block_h, block_half = _tile(n_cols, head_dim)
+    _norm_rope_fwd_kernel[(n_rows,)](
+        x, weight, cos, sin, y, rstd,
+        x.stride(0), y.stride(0), cos.shape[0], n_cols // head_dim, eps,
+        HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        num_warps=num_warps_for(2 * block_h * block_half),
+    )
+    return y, rstd
+
+
+def _bwd_triton(
+    dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, cos: Tensor, sin: Tensor, head_dim: int
+) -> tuple[Tensor, Tensor]:
+    n_rows, n_cols = x.shape
+    dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return dx, torch.zeros_like(weight)
+    block_h, block_half = _tile(n_cols, head_dim)
+    programs = reduction_programs(n_rows, x.device)
+    rows_per_program = triton.cdiv(n_rows, programs)
+    programs = triton.cdiv(n_rows, rows_per_program)
+    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    # The backward keeps about twice as many row-sized values live as the
+    # forward (x, dy, the weight and the weight-gradient partial), hence the
+    # warps of a block twice as large.
+    _norm_rope_bwd_kernel[(programs,)](
+        dy, x, weight, rstd, cos, sin, dx, partial,
+        dy.stride(0), x.stride(0), dx.stride(0), n_rows, cos.shape[0], n_cols // head_dim, rows_per_program,
+        HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        num_warps=num_warps_for(4 * block_h * block_half),
+    )
+    return dx, partial.sum(0).to(weight.dtype)
+
+
+_FWD = {"triton": _fwd_triton, "cpu": _compiled.norm_rope_fwd, "cuda": _compiled.norm_rope_fwd}
+_BWD = {"triton": _bwd_triton, "cpu": _compiled.norm_rope_bwd, "cuda": _compiled.norm_rope_bwd}
+
+
+# --------------------------------------------------------------------------- custom ops
+def _n_rows(x: Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def _table(t: Tensor) -> Tensor:
+    """cos or sin as every backend takes it: fp32 (the spec rotates in fp32), contiguous."""
+    return t.to(torch.float32).contiguous()
+
+
+@torch.library.custom_op("olmo2_kernels::qk_norm_rope_fwd", mutates_args=())
+def qk_norm_rope_fwd(
+    q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
+    head_dim: int, eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``q_out``, ``k_out`` (shapes and dtype of q, k) and the per-row fp32 ``rstd`` of each."""
+    cos, sin = _table(cos), _table(sin)
+    fwd = _FWD[backend]
+    q_out, q_rstd = fwd(as_rows(q), q_weight.contiguous(), cos, sin, head_dim, eps)
+    k_out, k_rstd = fwd(as_rows(k), k_weight.contiguous(), cos, sin, head_dim, eps)
+    return q_out.view(q.shape), k_out.view(k.shape), q_rstd, k_rstd
+
+
+@qk_norm_rope_fwd.register_fake
+def _(q, k, q_weight, k_weight, cos, sin, head_dim, eps, backend):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        q.new_empty(_n_rows(q), dtype=torch.float32),
+        k.new_empty(_n_rows(k), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("olmo2_kernels::qk_norm_rope_bwd", mutates_args=())
+def qk_norm_rope_bwd(
+    dq_out: Tensor, dk_out: Tensor, q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor,
+    q_rstd: Tensor, k_rstd: Tensor, cos: Tensor, sin: Tensor, head_dim: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``dq``, ``dk`` (shapes and dtype of q, k) and ``dq_weight``, ``dk_weight`` (dtypes of the weights)."""
+    cos, sin = _table(cos), _table(sin)
+    bwd = _BWD[backend]
+    dq, dqw = bwd(as_rows(dq_out), as_rows(q), q_weight.contiguous(), q_rstd, cos, sin, head_dim)
+    dk, dkw = bwd(as_rows(dk_out), as_rows(k), k_weight.contiguous(), k_rstd, cos, sin, head_dim)
+    return dq.view(q.shape), dk.view(k.shape), dqw, dkw
+
+
+@qk_norm_rope_bwd.register_fake
+def _(dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, head_dim, backend):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(q_weight, memory_format=torch.contiguous_format),
+        torch.empty_like(k_weight, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, q_weight, k_weight, cos, sin, head_dim, _eps, backend = inputs
+    _q_out, _k_out, q_rstd, k_rstd = output
+    ctx.save_for_backward(q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin)
+    ctx.head_dim = head_dim
+    ctx.backend = backend
+
+
+def _backward(ctx, dq_out: Tensor, dk_out: Tensor, _dq_rstd, _dk_rstd):
+    q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin = ctx.saved_tensors
+    if dq_out is None:
+        dq_out = torch.zeros_like(q)
+    if dk_out is None:
+        dk_out = torch.zeros_like(k)
+    dq, dk, dqw, dkw = qk_norm_rope_bwd(
+        dq_out, dk_out, q, k, q_weight, k_weight, q_rstd, k_rstd, cos, sin, ctx.head_dim, ctx.backend
+    )
+    return dq, dk, dqw, dkw, None, None, None, None, None
+
+
+qk_norm_rope_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- functional API
 def _check(q, k, q_weight, k_weight, cos, sin, head_dim, eps) -> float:
     _validate.tensor(OP, "q", q, min_ndim=2)
     _validate.tensor(OP, "k", k, min_ndim=2)
@@ -59,9 +309,9 @@ def _check(q, k, q_weight, k_weight, cos, sin, head_dim, eps) -> float:
             f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
         )
     for name, t in (("q", q), ("k", k)):
-        if t.shape[-1] % head_dim:
+        if t.shape[-1] == 0 or t.shape[-1] % head_dim:
             raise ValueError(
-                f"{OP}: the last dim of {name} ({t.shape[-1]}) must be a multiple of head_dim ({head_dim})"
+                f"{OP}: the last dim of {name} ({t.shape[-1]}) must be a positive multiple of head_dim ({head_dim})"
             )
     _validate.shape(OP, "q_weight", q_weight, (q.shape[-1],), "the last dim of q")
     _validate.shape(OP, "k_weight", k_weight, (k.shape[-1],), "the last dim of k")
@@ -85,11 +335,14 @@ def qk_norm_rope(
 
     q: (..., T, Hq*head_dim), k: (..., T, Hk*head_dim), weights of the same
     last dims, cos/sin: (T, head_dim) (see :func:`rope_cos_sin`). Returns
-    ``(q_out, k_out)`` with the input shapes and dtype. cos and sin receive no
-    gradient.
+    ``(q_out, k_out)`` with the input shapes and dtype. Statistics, the weight
+    product and the rotation are computed in fp32 with one rounding at the
+    end. q and k may be strided views (e.g. slices of a fused qkv projection).
+    cos and sin receive no gradient.
     """
     eps = _check(q, k, q_weight, k_weight, cos, sin, head_dim, eps)
     backend = _backend.resolve(OP, q.device, q.dtype)
     if backend == "torch":
         return reference.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, head_dim, eps)
-    raise _backend.BackendUnavailableError(f"{OP}: no {backend} implementation")
+    q_out, k_out, _, _ = qk_norm_rope_fwd(q, k, q_weight, k_weight, cos, sin, head_dim, eps, backend)
+    return q_out, k_out
