@@ -4,17 +4,231 @@ without materializing the (N, V) logits.
 Tokens are processed ``chunk_size`` rows at a time, forward and backward, so the
 extra memory scales with ``chunk_size * V``, not ``N * V``. The spec is
 :func:`olmo2_kernels.reference.linear_cross_entropy`.
+
+Forward (custom op ``linear_cross_entropy_fwd``): for each chunk of rows,
+``logits_c = hidden_c @ weight.T`` into one reused (chunk_size, V) buffer, then
+the cross-entropy row forward of the backend on it; per-token ``ce``, ``z`` and
+``lse`` are kept (N fp32 values each), the logits are not.
+
+Backward (custom op ``linear_cross_entropy_bwd``): for each chunk, recompute
+``logits_c``, run the cross-entropy row backward into the same buffer, then
+``dhidden_c = dlogits_c @ weight`` and ``dweight += dlogits_c.T @ hidden_c``.
+``dweight`` is accumulated in fp32 across chunks (accumulating the LM-head
+gradient in bf16 drifts the loss) and rounded to weight's dtype once at the end.
+
+Logits dtype: on CUDA, bf16/fp16 inputs give fp32 logits when the torch build
+has ``torch.mm(..., out_dtype=torch.float32)`` (cuBLAS accumulates in fp32
+anyway; the rounding to bf16 is skipped); otherwise, and on CPU, the input
+dtype. The row kernels read either and compute in fp32.
+
+FLOPs: forward ``2*N*H*V`` (one matmul); backward ``6*N*H*V`` (the recompute
+and the two gradient matmuls); ``8*N*H*V`` in all, against ``6*N*H*V`` for the
+unfused path that keeps the logits. Extra memory: one (chunk_size, V) logits
+buffer (plus a (chunk_size, V) low-precision copy of its gradient when the
+logits are fp32 and the weight is not), the fp32 (V, H) ``dweight``
+accumulator, and O(N) per-token values.
+
+The backend (``triton``, ``cpu``, ``cuda``) is that of the cross-entropy row
+kernels; the matmuls are torch's.
 """
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from . import _backend, _validate, reference
-from .cross_entropy import check_loss_args
+from ._triton import next_power_of_2, triton
+from .cross_entropy import _BWD, _FWD, check_loss_args, kernel_labels, per_token_grad
 
 OP = "linear_cross_entropy"
 
+# Bounds of the default chunk size (rows per chunk).
+MIN_CHUNK = 64
+MAX_CHUNK = 4096
 
+if triton is not None:
+    # The row kernels are those of cross_entropy; the matmuls are torch's.
+    _backend.register_triton(OP)
+
+
+def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Rows per chunk such that a chunk's logits are about the size of ``hidden``.
+
+    ``next_power_of_2(ceil(N / ceil(V / H)))``, clamped to [MIN_CHUNK,
+    MAX_CHUNK] and to N. E.g. OLMo 2 1B (H 2048, V 100352) with N = 16384
+    tokens: ceil(V / H) = 49, chunk 512, fp32 chunk logits 205 MB next to 67 MB
+    of bf16 hidden states. Larger chunks make fewer, larger matmuls and fewer
+    read-modify-writes of the (V, H) fp32 weight-gradient accumulator (one per
+    chunk), at the cost of memory.
+    """
+    ratio = max(1, math.ceil(vocab_size / max(hidden_size, 1)))
+    chunk = next_power_of_2(math.ceil(max(n_tokens, 1) / ratio))
+    chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
+    return max(1, min(chunk, n_tokens))
+
+
+# --------------------------------------------------------------------------- matmul helpers
+_FP32_OUT_SUPPORTED: dict = {}
+
+
+def _fp32_out_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm``/``torch.addmm`` take ``out_dtype=torch.float32`` for
+    ``dtype`` inputs on ``device`` (CUDA with a recent torch). Probed once per
+    (device, dtype) on a tiny problem."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    key = (device.index, dtype)
+    if key not in _FP32_OUT_SUPPORTED:
+        try:
+            a = torch.zeros(2, 2, dtype=dtype, device=device)
+            acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+            torch.mm(a, a, out_dtype=torch.float32, out=acc)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            supported = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            supported = False
+        _FP32_OUT_SUPPORTED[key] = supported
+    return _FP32_OUT_SUPPORTED[key]
+
+
+def _chunk_logits(hidden_c: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    """``hidden_c @ weight.T`` into ``out`` (fp32 or the input dtype)."""
+    if out.dtype != hidden_c.dtype:
+        return torch.mm(hidden_c, weight.t(), out_dtype=out.dtype, out=out)
+    return torch.mm(hidden_c, weight.t(), out=out)
+
+
+def _accumulate_dweight(acc: Tensor, dlogits_c: Tensor, hidden_c: Tensor) -> None:
+    """``acc += dlogits_c.T @ hidden_c`` with ``acc`` fp32 (float64 for float64)."""
+    if dlogits_c.dtype == acc.dtype:
+        acc.addmm_(dlogits_c.t(), hidden_c)
+    elif _fp32_out_supported(acc.device, dlogits_c.dtype):
+        torch.addmm(acc, dlogits_c.t(), hidden_c, out_dtype=torch.float32, out=acc)
+    else:
+        # The chunk's product is rounded once to the input dtype; the sum over
+        # chunks is still fp32, so the error does not grow with the chunk count.
+        acc.add_(torch.mm(dlogits_c.t(), hidden_c))
+
+
+def _logits_dtype(hidden: Tensor) -> torch.dtype:
+    if _fp32_out_supported(hidden.device, hidden.dtype):
+        return torch.float32
+    return hidden.dtype
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("olmo2_kernels::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    z_loss_coef: float,
+    chunk_size: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token fp32 ``(ce, z, lse)`` of ``hidden @ weight.T``, chunk by chunk."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    ce, z, lse = (torch.empty(n_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    labels = kernel_labels(labels)
+    rows = min(chunk_size, n_tokens)
+    buf = torch.empty((rows, vocab), dtype=_logits_dtype(hidden), device=hidden.device)
+    for start in range(0, n_tokens, chunk_size):
+        stop = min(start + chunk_size, n_tokens)
+        logits = _chunk_logits(hidden[start:stop], weight, buf[: stop - start])
+        ce_c, z_c, lse_c = _FWD[backend](logits, labels[start:stop], ignore_index, z_loss_coef)
+        ce[start:stop] = ce_c
+        z[start:stop] = z_c
+        lse[start:stop] = lse_c
+    return ce, z, lse
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, labels, ignore_index, z_loss_coef, chunk_size, backend) -> tuple[Tensor, Tensor, Tensor]:
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("olmo2_kernels::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    grad_ce: Tensor,
+    grad_z: Tensor,
+    ignore_index: int,
+    z_loss_coef: float,
+    chunk_size: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(dhidden, dweight)`` in the dtypes of hidden and weight; the logits are
+    recomputed chunk by chunk, ``dweight`` accumulated in fp32."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    labels = kernel_labels(labels)
+    lse = lse.contiguous()
+    grad_ce = grad_ce.to(torch.float32).contiguous()
+    grad_z = grad_z.to(torch.float32).contiguous()
+    dhidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    dweight = torch.zeros(weight.shape, dtype=reference.accumulation_dtype(weight.dtype), device=weight.device)
+    rows = min(chunk_size, n_tokens)
+    logits_dtype = _logits_dtype(hidden)
+    buf = torch.empty((rows, vocab), dtype=logits_dtype, device=hidden.device)
+    # The Triton row backward can round fp32 logits' gradient straight to the
+    # matmul dtype; other backends write in the logits' dtype and are cast.
+    grad_buf = None
+    if logits_dtype != weight.dtype and backend == "triton":
+        grad_buf = torch.empty((rows, vocab), dtype=weight.dtype, device=hidden.device)
+    for start in range(0, n_tokens, chunk_size):
+        stop = min(start + chunk_size, n_tokens)
+        hidden_c = hidden[start:stop]
+        logits = _chunk_logits(hidden_c, weight, buf[: stop - start])
+        out = grad_buf[: stop - start] if grad_buf is not None else logits
+        dlogits = _BWD[backend](
+            logits, labels[start:stop], lse[start:stop], grad_ce[start:stop], grad_z[start:stop],
+            ignore_index, z_loss_coef, out=out,
+        )
+        if dlogits.dtype != weight.dtype:
+            dlogits = dlogits.to(weight.dtype)
+        torch.mm(dlogits, weight, out=dhidden[start:stop])
+        _accumulate_dweight(dweight, dlogits, hidden_c)
+    return dhidden, dweight.to(weight.dtype)
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(hidden, weight, labels, lse, grad_ce, grad_z, ignore_index, z_loss_coef, chunk_size, backend):
+    return (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, labels, ignore_index, z_loss_coef, chunk_size, backend = inputs
+    _ce, _z, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(hidden, weight, labels, lse)
+    ctx.ignore_index = ignore_index
+    ctx.z_loss_coef = z_loss_coef
+    ctx.chunk_size = chunk_size
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_ce: Tensor | None, grad_z: Tensor | None, _grad_lse: Tensor | None):
+    hidden, weight, labels, lse = ctx.saved_tensors
+    dhidden, dweight = linear_cross_entropy_bwd(
+        hidden, weight, labels, lse, per_token_grad(grad_ce, hidden), per_token_grad(grad_z, hidden),
+        ctx.ignore_index, ctx.z_loss_coef, ctx.chunk_size, ctx.backend,
+    )
+    return dhidden, dweight, None, None, None, None, None
+
+
+linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- functional API
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -26,8 +240,12 @@ def linear_cross_entropy(
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy and z-loss of ``hidden @ weight.T`` against ``labels``.
 
-    hidden: (N, H), weight: (V, H) (the LM head, untied), labels: (N,).
-    Same results and reductions as :func:`olmo2_kernels.cross_entropy`.
+    hidden: (N, H), weight: (V, H) (the LM head, untied), labels: (N,) int64 or
+    int32. Same results and reductions as :func:`olmo2_kernels.cross_entropy`.
+    ``chunk_size`` rows are processed at a time (default:
+    :func:`default_chunk_size`); peak extra memory grows with
+    ``chunk_size * V``. Costs ``2*N*H*V`` FLOPs forward and ``6*N*H*V``
+    backward (the logits are recomputed).
     """
     _validate.tensor(OP, "hidden", hidden, min_ndim=2)
     if hidden.dim() != 2:
@@ -38,6 +256,8 @@ def linear_cross_entropy(
             f"{OP}: weight must be 2-D (V, H) with H = hidden.shape[1] = {hidden.shape[1]}, "
             f"got shape {tuple(weight.shape)}"
         )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{OP}: weight must have at least one row (V >= 1), got shape {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{OP}: weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
     _validate.same_device(OP, hidden=hidden, weight=weight)
@@ -48,4 +268,7 @@ def linear_cross_entropy(
     backend = _backend.resolve(OP, hidden.device, hidden.dtype)
     if backend == "torch":
         return reference.linear_cross_entropy(hidden, weight, labels, ignore_index, coef, reduction)
-    raise _backend.BackendUnavailableError(f"{OP}: no {backend} implementation")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    ce, z, _lse = linear_cross_entropy_fwd(hidden, weight, labels, ignore_index, coef, chunk_size, backend)
+    return reference.reduce_token_losses(ce, z, labels != ignore_index, reduction)
