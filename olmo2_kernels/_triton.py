@@ -6,6 +6,8 @@ unavailable.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 try:
@@ -60,7 +62,7 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
     Copies only when no such view exists; the row stride is passed to kernels.
     """
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() != 2 else x
     if rows.shape[-1] > 1 and rows.stride(-1) != 1:
         rows = rows.contiguous()
     if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
