@@ -73,8 +73,8 @@ def _fwd_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     n_rows, n_cols = x.shape
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    if n_rows == 0:
-        return y, rstd
+    if n_rows == 0 or n_cols == 0:
+        return y, rstd.fill_(eps**-0.5)
     block = row_block(OP, "x", n_cols)
     _rms_norm_fwd_kernel[(n_rows,)](
         x, weight, y, rstd, x.stride(0), y.stride(0), n_cols, eps,
@@ -86,7 +86,7 @@ def _fwd_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 def _bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     n_rows, n_cols = x.shape
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
-    if n_rows == 0:
+    if n_rows == 0 or n_cols == 0:
         return dx, torch.zeros_like(weight)
     block = row_block(OP, "x", n_cols)
     programs = reduction_programs(n_rows, x.device)
