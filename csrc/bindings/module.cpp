@@ -5,12 +5,21 @@
 // allocates outputs and picks the CUDA stream. Nothing here includes torch, so
 // the module builds with a CPU-only torch installed (or none) and survives torch
 // upgrades.
+//
+// Submodules `cpu` and (when built with CUDA) `cuda` hold the same functions
+// (bindings/ops.h); `capabilities()["ops"]` lists the ops per device.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
+#include <vector>
 
+#include "bindings/ops.h"
 #include "cpu/info.h"
+#include "cpu/kernels.h"
+#ifdef OLMO2_HAVE_CUDA
+#include "cuda/launchers.h"
+#endif
 
 namespace py = pybind11;
 
@@ -18,24 +27,92 @@ namespace py = pybind11;
 #define OLMO2_KERNELS_VERSION "0.0.0"
 #endif
 
-static py::dict capabilities() {
+namespace {
+
+// Public op names (olmo2_kernels op modules) that the kernels of this module
+// back. linear_cross_entropy runs on the cross-entropy row kernels plus torch
+// matmuls.
+const std::vector<std::string> kOps = {"rms_norm", "qk_norm_rope", "cross_entropy", "linear_cross_entropy",
+                                       "swiglu"};
+
+struct CpuBackend {
+  static void rms_norm_fwd(const olmo2::RmsNormFwdParams& p, void*) { olmo2::cpu::rms_norm_fwd(p); }
+  static void rms_norm_bwd(const olmo2::RmsNormBwdParams& p, void*) { olmo2::cpu::rms_norm_bwd(p); }
+  static void norm_rope_fwd(const olmo2::NormRopeFwdParams& p, void*) { olmo2::cpu::norm_rope_fwd(p); }
+  static void norm_rope_bwd(const olmo2::NormRopeBwdParams& p, void*) { olmo2::cpu::norm_rope_bwd(p); }
+  static void cross_entropy_fwd(const olmo2::CrossEntropyFwdParams& p, void*) { olmo2::cpu::cross_entropy_fwd(p); }
+  static void cross_entropy_bwd(const olmo2::CrossEntropyBwdParams& p, void*) { olmo2::cpu::cross_entropy_bwd(p); }
+  static void swiglu_fwd(const olmo2::SwigluFwdParams& p, void*) { olmo2::cpu::swiglu_fwd(p); }
+  static void swiglu_bwd(const olmo2::SwigluBwdParams& p, void*) { olmo2::cpu::swiglu_bwd(p); }
+};
+
+#ifdef OLMO2_HAVE_CUDA
+struct CudaBackend {
+  static void rms_norm_fwd(const olmo2::RmsNormFwdParams& p, void* s) { olmo2::cuda::rms_norm_fwd(p, s); }
+  static void rms_norm_bwd(const olmo2::RmsNormBwdParams& p, void* s) { olmo2::cuda::rms_norm_bwd(p, s); }
+  static void norm_rope_fwd(const olmo2::NormRopeFwdParams& p, void* s) { olmo2::cuda::norm_rope_fwd(p, s); }
+  static void norm_rope_bwd(const olmo2::NormRopeBwdParams& p, void* s) { olmo2::cuda::norm_rope_bwd(p, s); }
+  static void cross_entropy_fwd(const olmo2::CrossEntropyFwdParams& p, void* s) {
+    olmo2::cuda::cross_entropy_fwd(p, s);
+  }
+  static void cross_entropy_bwd(const olmo2::CrossEntropyBwdParams& p, void* s) {
+    olmo2::cuda::cross_entropy_bwd(p, s);
+  }
+  static void swiglu_fwd(const olmo2::SwigluFwdParams& p, void* s) { olmo2::cuda::swiglu_fwd(p, s); }
+  static void swiglu_bwd(const olmo2::SwigluBwdParams& p, void* s) { olmo2::cuda::swiglu_bwd(p, s); }
+};
+#endif
+
+py::dict capabilities() {
   py::dict caps;
   caps["version"] = OLMO2_KERNELS_VERSION;
   caps["cpu"] = true;
   caps["openmp"] = olmo2::cpu::has_openmp();
-  caps["cpu_threads"] = olmo2::cpu::max_threads();
+  caps["cpu_threads"] = olmo2::cpu::num_threads();
+  py::dict ops;
+  ops["cpu"] = kOps;
 #ifdef OLMO2_HAVE_CUDA
   caps["cuda"] = true;
   caps["cuda_archs"] = std::string(OLMO2_CUDA_ARCHS);
+  ops["cuda"] = kOps;
 #else
   caps["cuda"] = false;
   caps["cuda_archs"] = std::string();
+  ops["cuda"] = std::vector<std::string>();
 #endif
+  caps["ops"] = ops;
   return caps;
 }
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "olmo2_kernels compiled kernels (CPU, and CUDA when built with it)";
   m.def("version", []() { return std::string(OLMO2_KERNELS_VERSION); });
   m.def("capabilities", &capabilities, "What this build of the extension contains");
+
+  py::module_ cpu = m.def_submodule("cpu", "C++ kernels for CPU tensors (OpenMP over rows)");
+  olmo2::bindings::register_ops<CpuBackend>(cpu);
+  cpu.def(
+      "set_num_threads", [](int n) { olmo2::cpu::set_num_threads(n); }, py::arg("n"),
+      "Threads the CPU kernels use (n <= 0: OpenMP's default)");
+  cpu.def("num_threads", &olmo2::cpu::num_threads, "Threads the CPU kernels use");
+  cpu.def(
+      "cast",
+      [](std::uintptr_t src, int src_dtype, std::uintptr_t dst, int dst_dtype, std::int64_t n) {
+        olmo2::bindings::check_dtype("cast", "src dtype", src_dtype);
+        olmo2::bindings::check_dtype("cast", "dst dtype", dst_dtype);
+        olmo2::bindings::check_size("cast", "n", n);
+        olmo2::bindings::check_ptr("cast", "src", reinterpret_cast<const void*>(src), n > 0);
+        olmo2::bindings::check_ptr("cast", "dst", reinterpret_cast<void*>(dst), n > 0);
+        py::gil_scoped_release no_gil;
+        olmo2::cpu::cast(reinterpret_cast<const void*>(src), src_dtype, reinterpret_cast<void*>(dst), dst_dtype, n);
+      },
+      py::arg("src"), py::arg("src_dtype"), py::arg("dst"), py::arg("dst_dtype"), py::arg("n"),
+      "Convert n contiguous elements between dtypes with the kernels' rounding");
+
+#ifdef OLMO2_HAVE_CUDA
+  py::module_ cuda = m.def_submodule("cuda", "CUDA kernels for CUDA tensors (launched on the given stream)");
+  olmo2::bindings::register_ops<CudaBackend>(cuda);
+#endif
 }

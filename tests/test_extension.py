@@ -1,0 +1,504 @@
+"""The compiled extension ``olmo2_kernels._C``: it loads, says what it holds, rejects
+impossible arguments with Python exceptions, and its launchers
+(``olmo2_kernels._compiled``) match the float64 spec on every op, forward and
+backward, for fp32, bf16 and fp16, odd shapes and strided rows.
+
+The op test files also run the ``cpu``/``cuda`` backends through their public
+ops; these tests call the launchers directly, so the kernels are covered even
+where an op module does not dispatch to them. On a GPU machine every launcher
+test also runs on CUDA.
+"""
+import math
+
+import pytest
+import torch
+
+import olmo2_kernels
+from olmo2_kernels import _compiled, _extension, reference
+from tolerances import assert_close, f64_leaf
+
+C = _extension.module()
+pytestmark = pytest.mark.skipif(C is None, reason=f"extension not loaded: {_extension.load_error()}")
+
+OPS = ("rms_norm", "qk_norm_rope", "cross_entropy", "linear_cross_entropy", "swiglu")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HAS_CUDA_KERNELS = torch.cuda.is_available() and _extension.has_cuda_kernels()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA_KERNELS else [])
+
+
+# --------------------------------------------------------------------------- loading
+def test_loads_and_lists_ops():
+    assert _extension.load_error() is None
+    caps = _extension.capabilities()
+    assert caps["cpu"] is True
+    assert set(caps["ops"]["cpu"]) == set(OPS)
+    if caps["cuda"]:
+        assert set(caps["ops"]["cuda"]) == set(OPS)
+    else:
+        assert caps["ops"]["cuda"] == []
+    assert C.version() == caps["version"]
+
+
+def test_backend_info_shows_cpu():
+    info = olmo2_kernels.backend_info()
+    assert info["extension"]["loaded"]
+    assert "cpu" in info["backends"]["cpu"]["available"]
+    for op in OPS:
+        assert _extension.has_op("cpu", op)
+
+
+def test_cpu_threads_follow_torch():
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _compiled.swiglu_fwd(torch.randn(4, 8), torch.randn(4, 8))
+        assert C.cpu.num_threads() == 1
+    finally:
+        torch.set_num_threads(old)
+        _compiled.swiglu_fwd(torch.randn(4, 8), torch.randn(4, 8))
+    assert C.cpu.num_threads() == old
+
+
+# --------------------------------------------------------------------------- bad arguments
+class TestBindingsRejectBadArguments:
+    """Impossible arguments raise before any kernel runs (never a crash)."""
+
+    def setup_method(self):
+        self.x = torch.randn(4, 8)
+        self.w = torch.ones(8)
+        self.y = torch.empty(4, 8)
+        self.rstd = torch.empty(4)
+
+    def rms(self, **overrides):
+        args = dict(
+            x=self.x.data_ptr(), x_stride=8, w=self.w.data_ptr(), y=self.y.data_ptr(), y_stride=8,
+            rstd=self.rstd.data_ptr(), rows=4, cols=8, eps=1e-6, x_dtype=0, w_dtype=0,
+        )
+        args.update(overrides)
+        C.cpu.rms_norm_fwd(**args)
+
+    def test_valid_call_runs(self):
+        self.rms()
+        assert_close(self.y, reference.rms_norm(self.x.double(), self.w.double()), torch.float32)
+
+    @pytest.mark.parametrize("field", ["x_dtype", "w_dtype"])
+    @pytest.mark.parametrize("code", [-1, 3, 99])
+    def test_unknown_dtype_code(self, field, code):
+        with pytest.raises(ValueError, match=rf"rms_norm_fwd: .*dtype code .*got {code}"):
+            self.rms(**{field: code})
+
+    @pytest.mark.parametrize("field", ["rows", "cols"])
+    def test_negative_size(self, field):
+        with pytest.raises(ValueError, match=f"rms_norm_fwd: {field} must be >= 0, got -3"):
+            self.rms(**{field: -3})
+
+    def test_null_pointer(self):
+        with pytest.raises(ValueError, match="rms_norm_fwd: x is a null pointer"):
+            self.rms(x=0)
+
+    def test_short_row_stride(self):
+        with pytest.raises(ValueError, match="rms_norm_fwd: y: row stride 7 is shorter than a row"):
+            self.rms(y_stride=7)
+
+    def test_negative_stride(self):
+        with pytest.raises(ValueError, match="row stride must be >= 0"):
+            self.rms(x_stride=-8)
+
+    def test_stride_overflow(self):
+        with pytest.raises(ValueError, match="overflows int64"):
+            self.rms(x_stride=2**62)
+
+    def test_negative_pointer_is_a_type_error(self):
+        with pytest.raises(TypeError):
+            self.rms(x=-16)
+
+    def test_empty_is_fine_with_null_pointers(self):
+        C.cpu.rms_norm_fwd(0, 0, 0, 0, 0, 0, 0, 8, 1e-6, 0, 0)
+
+    @pytest.mark.parametrize("head_dim, msg", [(3, "head_dim must be a positive even"), (0, "head_dim must be"),
+                                               (6, r"cols \(8\) must be a multiple of head_dim \(6\)")])
+    def test_norm_rope_head_dim(self, head_dim, msg):
+        cos = torch.ones(4, max(head_dim, 1))
+        with pytest.raises(ValueError, match=f"norm_rope_fwd: {msg}"):
+            C.cpu.norm_rope_fwd(self.x.data_ptr(), 8, self.w.data_ptr(), cos.data_ptr(), cos.data_ptr(),
+                                self.y.data_ptr(), 8, self.rstd.data_ptr(), 4, 8, 4, head_dim, 1e-6, 0, 0)
+
+    def test_norm_rope_zero_seq_len(self):
+        cos = torch.ones(4, 8)
+        with pytest.raises(ValueError, match="seq_len must be > 0"):
+            C.cpu.norm_rope_fwd(self.x.data_ptr(), 8, self.w.data_ptr(), cos.data_ptr(), cos.data_ptr(),
+                                self.y.data_ptr(), 8, self.rstd.data_ptr(), 4, 8, 0, 8, 1e-6, 0, 0)
+
+    def test_cross_entropy_bad_vocab_and_dtype(self):
+        labels = torch.zeros(4, dtype=torch.int64)
+        out = [torch.empty(4) for _ in range(3)]
+        ptrs = [t.data_ptr() for t in out]
+        with pytest.raises(ValueError, match="cross_entropy_fwd: vocab must be >= 0"):
+            C.cpu.cross_entropy_fwd(self.x.data_ptr(), 8, labels.data_ptr(), *ptrs, 4, -8, -100, 0.0, 0)
+        with pytest.raises(ValueError, match="cross_entropy_fwd: logits dtype must be a dtype code"):
+            C.cpu.cross_entropy_fwd(self.x.data_ptr(), 8, labels.data_ptr(), *ptrs, 4, 8, -100, 0.0, 7)
+
+    def test_cross_entropy_bwd_alias_with_other_stride(self):
+        t = torch.zeros(4)
+        labels = torch.zeros(4, dtype=torch.int64)
+        with pytest.raises(ValueError, match="out aliases logits with a different row stride"):
+            C.cpu.cross_entropy_bwd(self.x.data_ptr(), 8, labels.data_ptr(), t.data_ptr(), t.data_ptr(), 1,
+                                    t.data_ptr(), 1, self.x.data_ptr(), 16, 4, 8, -100, 0.0, 0)
+
+    def test_swiglu_bad_dtype(self):
+        with pytest.raises(ValueError, match="swiglu_fwd: dtype must be a dtype code"):
+            C.cpu.swiglu_fwd(self.x.data_ptr(), 8, self.x.data_ptr(), 8, self.y.data_ptr(), 8, 4, 8, 5)
+
+    def test_cast_bad_arguments(self):
+        with pytest.raises(ValueError, match="cast: n must be >= 0"):
+            C.cpu.cast(self.x.data_ptr(), 0, self.y.data_ptr(), 1, -1)
+        with pytest.raises(ValueError, match="cast: dst dtype must be a dtype code"):
+            C.cpu.cast(self.x.data_ptr(), 0, self.y.data_ptr(), 4, 1)
+
+    def test_launcher_rejects_float64(self):
+        with pytest.raises(TypeError, match="rms_norm: x must be float32, bfloat16 or float16"):
+            _compiled.rms_norm_fwd(torch.randn(2, 4, dtype=torch.float64), torch.ones(4), 1e-6)
+
+
+# --------------------------------------------------------------------------- conversions
+def _cast(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    src = src.contiguous()
+    dst = torch.empty(src.shape, dtype=dtype)
+    C.cpu.cast(src.data_ptr(), _compiled.DTYPE_CODES[src.dtype], dst.data_ptr(), _compiled.DTYPE_CODES[dtype],
+               src.numel())
+    return dst
+
+
+def _same_bits_or_both_nan(actual: torch.Tensor, expected: torch.Tensor):
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan)
+    int_view = torch.int16 if actual.element_size() == 2 else torch.int32
+    a, e = actual.view(int_view), expected.view(int_view)
+    mismatch = (a != e) & ~nan
+    assert not mismatch.any(), f"{int(mismatch.sum())} mismatches, first at {mismatch.nonzero()[:5].flatten().tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_half_bit_pattern_widens_exactly(dtype):
+    halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    _same_bits_or_both_nan(_cast(halves, torch.float32), halves.to(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float_to_half_rounds_to_nearest_even(dtype):
+    gen = torch.Generator().manual_seed(1)
+    random_bits = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=gen, dtype=torch.int64).to(torch.int32)
+    # Every half value, and the midpoints between neighbours (ties) +- 1 ulp of fp32.
+    halves = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).to(torch.float32)
+    halves = halves[halves.isfinite()].unique()
+    mids = (halves[1:].double() + halves[:-1].double()) / 2
+    mids32 = mids.float()
+    near = torch.cat([mids32, torch.nextafter(mids32, torch.tensor(math.inf)), torch.nextafter(mids32, torch.tensor(-math.inf))])
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 65504.0, 65519.99, 65520.0, 1e-8, 2.0**-24,
+                            2.0**-25, 3 * 2.0**-26, 2.0**-14 - 2.0**-26, 3.4e38, 1.2e-38, 1e-45])
+    values = torch.cat([random_bits.view(torch.float32), halves, near, special, -special])
+    _same_bits_or_both_nan(_cast(values, dtype), values.to(dtype))
+
+
+# --------------------------------------------------------------------------- launchers vs the spec
+def rand(shape, dtype, device, scale=1.0, strided=False):
+    """Random values; with ``strided`` a view whose row stride exceeds the width."""
+    if strided:
+        base = torch.randn(shape[0], shape[1] + 9, device=device) * scale
+        return base.to(dtype)[:, 5:5 + shape[1]]
+    return (torch.randn(shape, device=device) * scale).to(dtype)
+
+
+ROW_SHAPES = [(1, 1), (7, 200), (33, 2049), (300, 96)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_rms_norm(device, dtype, shape, strided):
+    x = rand(shape, dtype, device, scale=3.0, strided=strided)
+    w = rand((shape[1],), dtype, device)
+    dy = rand(shape, dtype, device, strided=strided)
+    y, rstd = _compiled.rms_norm_fwd(x, w, 1e-6)
+    dx, dw = _compiled.rms_norm_bwd(dy, x, w, rstd)
+
+    x64, w64 = f64_leaf(x), f64_leaf(w)
+    y64 = reference.rms_norm(x64, w64, 1e-6)
+    y64.backward(dy.double())
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == w.dtype
+    assert y.is_contiguous() and dx.is_contiguous()
+    assert_close(y, y64, dtype, name="y")
+    assert_close(rstd, torch.rsqrt(x64.detach().pow(2).mean(-1) + 1e-6), torch.float32, name="rstd")
+    assert_close(dx, x64.grad, dtype, name="dx")
+    assert_close(dw, w64.grad, dtype, reduction=shape[0], name="dweight")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.float16])
+def test_rms_norm_mixed_weight_dtype(device, w_dtype):
+    x = rand((17, 130), torch.bfloat16, device)
+    w = rand((130,), w_dtype, device)
+    dy = rand((17, 130), torch.bfloat16, device)
+    y, rstd = _compiled.rms_norm_fwd(x, w, 1e-5)
+    dx, dw = _compiled.rms_norm_bwd(dy, x, w, rstd)
+    x64, w64 = f64_leaf(x), f64_leaf(w)
+    y64 = reference.rms_norm(x64, w64, 1e-5)
+    y64.backward(dy.double())
+    assert dw.dtype == w_dtype
+    assert_close(y, y64, torch.bfloat16, name="y")
+    assert_close(dx, x64.grad, torch.bfloat16, name="dx")
+    assert_close(dw, w64.grad, torch.bfloat16, reduction=17, name="dweight")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_bwd_deterministic(device):
+    x = rand((513, 1000), torch.float32, device)
+    w = rand((1000,), torch.float32, device)
+    dy = rand((513, 1000), torch.float32, device)
+    _, rstd = _compiled.rms_norm_fwd(x, w, 1e-6)
+    first = _compiled.rms_norm_bwd(dy, x, w, rstd)
+    second = _compiled.rms_norm_bwd(dy, x, w, rstd)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_zero_rows(device):
+    w = torch.randn(64, device=device)
+    y, rstd = _compiled.rms_norm_fwd(torch.empty(0, 64, device=device), w, 1e-6)
+    assert y.shape == (0, 64) and rstd.shape == (0,)
+    dx, dw = _compiled.rms_norm_bwd(torch.empty(0, 64, device=device), torch.empty(0, 64, device=device), w, rstd)
+    assert dx.shape == (0, 64) and torch.equal(dw, torch.zeros_like(w))
+
+
+def _ref_norm_rope(x, w, cos, sin, head_dim, eps):
+    """The spec for one projection (reference.qk_norm_rope normalizes q and k alike)."""
+    return reference.qk_norm_rope(x, x, w, w, cos, sin, head_dim, eps)[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch, seq, heads, head_dim",
+    [(1, 1, 1, 2), (2, 7, 3, 16), (3, 5, 1, 128), (1, 33, 4, 64), (2, 3, 5, 10)],
+)
+@pytest.mark.parametrize("strided", [False, True])
+def test_norm_rope(device, dtype, batch, seq, heads, head_dim, strided):
+    from olmo2_kernels.qk_norm_rope import rope_cos_sin
+
+    width = heads * head_dim
+    rows = batch * seq
+    x = rand((rows, width), dtype, device, scale=2.0, strided=strided)
+    w = rand((width,), dtype, device)
+    dy = rand((rows, width), dtype, device, strided=strided)
+    cos, sin = rope_cos_sin(seq, head_dim, theta=10_000.0, device=device)
+    y, rstd = _compiled.norm_rope_fwd(x, w, cos, sin, head_dim, 1e-6)
+    dx, dw = _compiled.norm_rope_bwd(dy, x, w, rstd, cos, sin, head_dim)
+
+    x64, w64 = f64_leaf(x), f64_leaf(w)
+    y64 = _ref_norm_rope(x64.view(batch, seq, width), w64, cos.double(), sin.double(), head_dim, 1e-6)
+    y64.backward(dy.double().view(batch, seq, width))
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    assert_close(y, y64.view(rows, width), dtype, name="y")
+    assert_close(dx, x64.grad, dtype, name="dx")
+    assert_close(dw, w64.grad, dtype, reduction=rows, name="dweight")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_rope_general_tables(device):
+    """cos/sin need not be duplicated halves (nor fp32): the kernels use each entry as given."""
+    rows, seq, head_dim, width = 12, 4, 8, 24
+    x = rand((rows, width), torch.float32, device)
+    w = rand((width,), torch.float32, device)
+    dy = rand((rows, width), torch.float32, device)
+    cos = torch.randn(seq, head_dim, device=device).to(torch.bfloat16)
+    sin = torch.randn(seq, head_dim, device=device).to(torch.bfloat16)
+    y, rstd = _compiled.norm_rope_fwd(x, w, cos, sin, head_dim, 1e-6)
+    dx, dw = _compiled.norm_rope_bwd(dy, x, w, rstd, cos, sin, head_dim)
+    x64, w64 = f64_leaf(x), f64_leaf(w)
+    y64 = _ref_norm_rope(x64.view(3, seq, width), w64, cos.double(), sin.double(), head_dim, 1e-6)
+    y64.backward(dy.double().view(3, seq, width))
+    assert_close(y, y64.view(rows, width), torch.float32, name="y")
+    assert_close(dx, x64.grad, torch.float32, name="dx")
+    assert_close(dw, w64.grad, torch.float32, reduction=rows, name="dweight")
+
+
+def _ref_cross_entropy(logits, labels, ignore_index, coef, grad_ce, grad_z):
+    """Per-token ce, z, lse and dlogits of sum(grad_ce * ce + grad_z * z) from the spec in float64."""
+    x64 = f64_leaf(logits)
+    ce, z = reference.cross_entropy(x64, labels, ignore_index, coef, reduction="none")
+    (ce * grad_ce.double() + z * grad_z.double()).sum().backward()
+    return ce.detach(), z.detach(), torch.logsumexp(x64.detach(), -1), x64.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, vocab", [(1, 1), (7, 200), (16, 4096 + 7), (5, 2 * 2048 + 1)])
+@pytest.mark.parametrize("coef", [0.0, 1e-2])
+@pytest.mark.parametrize("strided", [False, True])
+def test_cross_entropy(device, dtype, rows, vocab, coef, strided):
+    logits = rand((rows, vocab), dtype, device, scale=4.0, strided=strided)
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    labels[::3] = -100
+    grad_ce = torch.randn(rows, device=device)
+    grad_z = torch.randn(rows, device=device)
+    ce, z, lse = _compiled.cross_entropy_fwd(logits, labels, -100, coef)
+    dlogits = _compiled.cross_entropy_bwd(logits, labels, lse, grad_ce, grad_z, -100, coef)
+
+    ce64, z64, lse64, dx64 = _ref_cross_entropy(logits, labels, -100, coef, grad_ce, grad_z)
+    assert ce.dtype == z.dtype == lse.dtype == torch.float32 and dlogits.dtype == dtype
+    assert_close(lse, lse64, torch.float32, name="lse")
+    assert_close(ce, ce64, torch.float32, name="ce")
+    assert_close(z, z64, torch.float32, name="z")
+    ignored = labels == -100
+    assert torch.equal(ce[ignored], torch.zeros_like(ce[ignored]))
+    if coef == 0.0:
+        assert torch.equal(z, torch.zeros_like(z)), "z-loss must be exactly 0 when its coefficient is 0"
+    assert_close(dlogits, dx64, dtype, name="dlogits")
+    assert torch.equal(dlogits[ignored], torch.zeros_like(dlogits[ignored]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_in_place_and_broadcast_grads(device, dtype):
+    rows, vocab = 9, 1000
+    logits = rand((rows, vocab), dtype, device, scale=3.0)
+    labels = torch.randint(0, vocab, (rows,), device=device)
+    labels[2] = 7
+    ce, z, lse = _compiled.cross_entropy_fwd(logits, labels, 7, 1e-4)
+    grad = torch.tensor(0.25, device=device)  # e.g. d(mean)/d(ce): one scalar for every token
+    _, _, _, dx64 = _ref_cross_entropy(logits, labels, 7, 1e-4, grad.expand(rows), grad.expand(rows))
+    buffer = logits.clone()
+    out = _compiled.cross_entropy_bwd(buffer, labels, lse, grad, grad.expand(rows), 7, 1e-4, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr()
+    assert_close(buffer, dx64, dtype, name="dlogits in place")
+    assert torch.equal(buffer[2], torch.zeros_like(buffer[2])), "ignore_index may lie inside [0, V)"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_confident_target_keeps_precision(device, dtype):
+    """p(target) = 0.999: the target gradient p - 1 = -1e-3 must keep its digits
+    (computed in fp32 from the lse, whatever the logits' dtype)."""
+    vocab, p = 50, 0.999
+    logits = torch.full((1, vocab), -8.0, device=device)
+    logits[0, 3] = math.log(p) - math.log(1 - p) + math.log(vocab - 1) - 8.0
+    logits = logits.to(dtype)
+    labels = torch.tensor([3], device=device)
+    ce, _, lse = _compiled.cross_entropy_fwd(logits, labels, -100, 0.0)
+    one, zero = torch.ones(1, device=device), torch.zeros(1, device=device)
+    d = _compiled.cross_entropy_bwd(logits, labels, lse, one, zero, -100, 0.0)
+    _, _, _, dx64 = _ref_cross_entropy(logits, labels, -100, 0.0, one, zero)
+    expected = dx64[0, 3].item()
+    assert -2e-3 < expected < -5e-4
+    rel = 1e-3 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the output (2^-9)
+    assert abs(d[0, 3].item() - expected) < rel * abs(expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_out_of_range_label_is_nan(device):
+    logits = torch.randn(4, 30, device=device)
+    labels = torch.tensor([1, 30, -5, -100], device=device)
+    ce, z, lse = _compiled.cross_entropy_fwd(logits, labels, -100, 1e-4)
+    assert ce[0].isfinite() and ce[1].isnan() and ce[2].isnan() and ce[3] == 0
+    assert lse.isfinite().all()
+    g = torch.ones(4, device=device)
+    d = _compiled.cross_entropy_bwd(logits, labels, lse, g, g, -100, 1e-4)
+    assert d[0].isfinite().all() and d[1].isnan().all() and d[2].isnan().all() and (d[3] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_extreme_logits(device):
+    logits = torch.randn(4, 5000, device=device)
+    logits[0, :] = -math.inf
+    logits[0, 17] = 0.0  # one finite entry
+    logits[1, 4000:] = -math.inf  # a -inf tail
+    logits[2, 123] = math.nan
+    logits[3] *= 1e4  # large range: exp underflows for most entries
+    labels = torch.tensor([17, 5, 6, 7], device=device)
+    ce, _, lse = _compiled.cross_entropy_fwd(logits, labels, -100, 0.0)
+    expected = torch.logsumexp(logits.double(), -1)
+    assert lse[0].item() == 0.0 and ce[0].item() == 0.0
+    assert_close(lse[[1, 3]], expected[[1, 3]], torch.float32, name="lse")
+    assert lse[2].isnan()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_all_ignored(device):
+    logits = torch.randn(3, 10, device=device)
+    labels = torch.full((3,), -100, device=device)
+    ce, z, lse = _compiled.cross_entropy_fwd(logits, labels, -100, 1e-4)
+    g = torch.ones(3, device=device)
+    d = _compiled.cross_entropy_bwd(logits, labels, lse, g, g, -100, 1e-4)
+    assert (ce == 0).all() and (z == 0).all() and (d == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 199), (64, 2049), (3, 40000)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_swiglu(device, dtype, shape, strided):
+    gate = rand(shape, dtype, device, scale=4.0, strided=strided)
+    up = rand(shape, dtype, device, strided=strided)
+    dy = rand(shape, dtype, device)
+    y = _compiled.swiglu_fwd(gate, up)
+    dgate, dup = _compiled.swiglu_bwd(dy, gate, up)
+    g64, u64 = f64_leaf(gate), f64_leaf(up)
+    y64 = reference.swiglu(g64, u64)
+    y64.backward(dy.double())
+    assert y.dtype == dgate.dtype == dup.dtype == dtype
+    assert_close(y, y64, dtype, name="y")
+    assert_close(dgate, g64.grad, dtype, name="dgate")
+    assert_close(dup, u64.grad, dtype, name="dup")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_swiglu_extreme_gates(device):
+    gate = torch.tensor([[-1e4, -100.0, -88.0, -30.0, 0.0, 30.0, 88.0, 100.0, 1e4]], device=device)
+    up = torch.full_like(gate, 1.5)
+    y = _compiled.swiglu_fwd(gate, up)
+    dgate, dup = _compiled.swiglu_bwd(torch.ones_like(gate), gate, up)
+    g64, u64 = f64_leaf(gate), f64_leaf(up)
+    reference.swiglu(g64, u64).sum().backward()
+    assert_close(y, reference.swiglu(gate.double(), up.double()), torch.float32, name="y")
+    assert_close(dgate, g64.grad, torch.float32, name="dgate")
+    assert_close(dup, u64.grad, torch.float32, name="dup")
+
+
+def test_swiglu_nd_shapes():
+    gate, up = torch.randn(2, 3, 50), torch.randn(2, 3, 50)
+    y = _compiled.swiglu_fwd(gate, up)
+    assert y.shape == (2, 3, 50)
+    assert_close(y, reference.swiglu(gate.double(), up.double()), torch.float32, name="y")
+
+
+# --------------------------------------------------------------------------- GPU only
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+def test_cuda_int64_offsets():
+    """Rows past 2^31 elements: the last rows must be right (int32 offsets would wrap)."""
+    width = 4096
+    rows = 2**31 // width + 3
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(width, device="cuda", dtype=torch.bfloat16)
+    tail = slice(rows - 3, rows)
+    y, rstd = _compiled.rms_norm_fwd(x, w, 1e-6)
+    assert_close(y[tail], reference.rms_norm(x[tail].double(), w.double()), torch.bfloat16, name="rms tail")
+    g = _compiled.swiglu_fwd(x, x)
+    assert_close(g[tail], reference.swiglu(x[tail].double(), x[tail].double()), torch.bfloat16, name="swiglu tail")
+    del g, y
+    labels = torch.randint(0, width, (rows,), device="cuda")
+    ce, _, lse = _compiled.cross_entropy_fwd(x, labels, -100, 0.0)
+    ce64, _ = reference.cross_entropy(x[tail].double(), labels[tail], reduction="none")
+    assert_close(ce[tail], ce64, torch.float32, name="ce tail")
+
+
+@pytest.mark.skipif(not HAS_CUDA_KERNELS, reason="needs a GPU and the CUDA kernels")
+def test_cuda_misaligned_views_use_the_scalar_path():
+    """Views offset by one element cannot take 16-byte loads; results must not change."""
+    base = torch.randn(9, 4097, device="cuda", dtype=torch.bfloat16)
+    x = base[:, 1:]
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    y, _ = _compiled.rms_norm_fwd(x, w, 1e-6)
+    assert_close(y, reference.rms_norm(x.double(), w.double()), torch.bfloat16, name="y")
+    g = _compiled.swiglu_fwd(x, base[:, :-1])
+    assert_close(g, reference.swiglu(x.double(), base[:, :-1].double()), torch.bfloat16, name="swiglu")
