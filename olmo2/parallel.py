@@ -1,0 +1,198 @@
+"""Process groups and parallelism, applied to the model from outside.
+
+:func:`parallelize` wraps the blocks of ``model.model.layers`` in this order
+(torchtitan's): activation checkpointing, ``torch.compile``, then FSDP2
+(``fully_shard`` per block, then the root) or DDP. The model's own code does
+not change, and its state-dict names stay clean (the checkpoint code reads
+them through ``torch.distributed.checkpoint.state_dict``).
+
+Precision on GPU is bf16: with FSDP2 through its ``MixedPrecisionPolicy``
+(bf16 parameters in compute, fp32 master weights and gradient reduction),
+otherwise through ``torch.autocast``. On CPU everything is fp32.
+
+Launch with ``torchrun --nproc_per_node=N -m olmo2.train ...``: NCCL on GPU
+(one device per local rank), gloo on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+
+
+def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+    """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``); a single process without them."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+    elif dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def destroy_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- wrappers
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    try:
+        return model.model.layers
+    except AttributeError:
+        raise TypeError(
+            f"parallelize: expected an Olmo2ForCausalLM-like model with blocks in model.model.layers, "
+            f"got {type(model).__name__}"
+        ) from None
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every block in the backward (non-reentrant checkpointing)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = _blocks(model)
+    for i, block in enumerate(layers):
+        layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """``torch.compile`` each block (replaced by its compiled wrapper, so FSDP2's
+    hooks stay outside the compiled region; state-dict names are cleaned by
+    ``torch.distributed.checkpoint.state_dict``)."""
+    layers = _blocks(model)
+    for i, block in enumerate(layers):
+        layers[i] = torch.compile(block)
+
+
+def _fsdp_api():
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None,
+               reduce_dtype: torch.dtype | None) -> nn.Module:
+    """FSDP2: shard each block, then the root (embedding, final norm, LM head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard, MixedPrecisionPolicy = _fsdp_api()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    layers = _blocks(model)
+    for i, block in enumerate(layers):
+        # The root gathers right after the last block's forward; keeping that
+        # block unsharded until the backward saves one all-gather.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def resolve_strategy(strategy: str, world_size: int) -> str:
+    if strategy == "auto":
+        return "fsdp" if world_size > 1 else "none"
+    if strategy in ("fsdp", "ddp") and world_size == 1:
+        return "none"
+    return strategy
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def parallelize(model: nn.Module, strategy: str, device: torch.device, precision: str,
+                activation_checkpointing: bool = False, compile: bool = False,
+                reduce_fp32: bool = True) -> nn.Module:
+    """Apply activation checkpointing, compile and the data-parallel ``strategy``
+    ("fsdp", "ddp", "none") to ``model`` (already on ``device`` or on meta for FSDP);
+    returns the module to call."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if strategy == "fsdp":
+        bf16 = precision == "bf16"
+        return apply_fsdp(model, device, torch.bfloat16 if bf16 else None,
+                          torch.float32 if (bf16 and reduce_fp32) else None)
+    if strategy == "ddp":
+        return apply_ddp(model, device)
+    if strategy == "none":
+        return model
+    raise ValueError(f"strategy must be 'fsdp', 'ddp' or 'none', got {strategy!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under a DDP wrapper (FSDP2 and the block wrappers keep the model object)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def autocast_context(device: torch.device, precision: str, strategy: str):
+    """bf16 autocast where FSDP2's mixed precision does not already cast (GPU, not FSDP)."""
+    if precision == "bf16" and strategy != "fsdp":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def no_grad_sync(model: nn.Module, last_micro_batch: bool):
+    """DDP: skip the gradient all-reduce on all but the last micro-batch."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and not last_micro_batch:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

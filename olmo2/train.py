@@ -1,0 +1,434 @@
+"""``olmo2-train``: the OLMo 2 pretraining loop.
+
+    olmo2-train                                  # the tiny default on the built-in corpus (CPU, minutes)
+    olmo2-train --config configs/x.yaml --optim.lr=1e-3 --dry-run
+    torchrun --nproc_per_node=8 -m olmo2.train --preset=olmo2-1b --data.sources='[{paths: [data/*.npy]}]'
+
+One optimizer step:
+
+1. this rank's slice of the global batch (:class:`olmo2.data.TrainData`), split
+   into micro-batches;
+2. per micro-batch, the summed loss (``reduction="sum"``) divided by the
+   global count of non-ignored target tokens (all micro-batches, all ranks;
+   counted on the host from the labels, all-reduced on the device) and scaled
+   by the world size, since DDP and FSDP2 average gradients over ranks; so the
+   gradient is that of the global mean loss, whatever the split;
+3. global-norm clipping, then **one host sync** fetching loss, z-loss and the
+   gradient norm together; a non-finite value or a spike (OLMo-core's rule,
+   :class:`olmo2.metrics.SpikeDetector`) skips the optimizer update; the step
+   still counts (data and schedule move on);
+4. the learning rate of this step (:class:`olmo2.optim.LRSchedule`), AdamW.
+
+Resume is exact: the checkpoint (:mod:`olmo2.checkpoint`) holds model,
+optimizer, step, tokens seen, data position, spike history and RNG states;
+on CPU a run of N steps and a run of N/2 steps resumed for N/2 more end with
+bitwise-identical weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import flops_per_token, num_parameters
+from .data import EvalData, TokenSource, TrainData, stdlib_corpus
+from .metrics import MetricsLogger, SpikeDetector, memory_stats, mfu, peak_flops
+from .optim import LRSchedule, build_adamw, clip_grad_norm_, set_lr
+from .parallel import (
+    DistInfo,
+    all_reduce_sum,
+    autocast_context,
+    destroy_distributed,
+    init_distributed,
+    no_grad_sync,
+    parallelize,
+    resolve_precision,
+    resolve_strategy,
+    unwrap,
+)
+from .train_config import ConfigError, TrainConfig, parse_args
+
+IGNORE_INDEX = -100
+# Stop, rather than skip forever, after this many non-finite steps in a row.
+MAX_CONSECUTIVE_NONFINITE = 10
+
+
+class NonFiniteLossError(RuntimeError):
+    """Loss or gradients stayed non-finite for MAX_CONSECUTIVE_NONFINITE steps."""
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds model, optimizer and data from a :class:`TrainConfig` and trains.
+
+    ``Trainer(cfg).fit()`` runs to ``cfg.max_steps`` (resuming when the run
+    folder has a checkpoint and ``cfg.resume`` allows) and returns a summary.
+    ``history`` keeps every step's scalars (all ranks).
+    """
+
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None):
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.device)
+        self.device = self.dist.device
+        self.strategy = resolve_strategy(cfg.parallel.strategy, self.dist.world_size)
+        self.precision = resolve_precision(cfg.parallel.precision, self.device)
+        if self.precision == "bf16" and self.device.type == "cpu":
+            raise ConfigError("parallel.precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
+        self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_lr = 0.0
+        self.consecutive_nonfinite = 0
+        self.nonfinite_skips = 0
+        self.resumed_from: str | None = None
+        self.init_from: str | None = None
+
+        seed_everything(cfg.seed)
+        self.train_data, self.eval_data, self.tokenizer_json = self._build_data()
+        self.model = self._build_model()
+        self.base_model = unwrap(self.model)
+        o = cfg.optim
+        self.optimizer = build_adamw(self.base_model, lr=o.lr or 0.0, betas=o.betas, eps=o.eps,
+                                     weight_decay=o.weight_decay, embedding_weight_decay=o.embedding_weight_decay,
+                                     norm_weight_decay=o.norm_weight_decay, fused=o.fused)
+        self.spikes = SpikeDetector(cfg.spike.window, cfg.spike.min_history, cfg.spike.sigma) \
+            if cfg.spike.enabled else None
+        self.peak_lr = o.lr
+        self._restore()
+        self.schedule = LRSchedule(peak_lr=self.peak_lr, name=cfg.schedule.name, warmup_steps=cfg.schedule.warmup_steps,
+                                   decay_steps=cfg.decay_steps, final_lr_ratio=cfg.schedule.final_lr_ratio)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = peak_flops(self.device)
+
+    # ------------------------------------------------------------------ building
+    def _build_data(self) -> tuple[TrainData, EvalData | None, str | None]:
+        cfg, d = self.cfg, self.cfg.data
+        vocab = cfg.model.vocab_size if d.check_token_ids else None
+        tokenizer_json = None
+        eval_paths = list(d.eval_paths)
+        if d.sources:
+            sources = [TokenSource(s.paths, d.seq_len, s.dtype, vocab, name=s.name) for s in d.sources]
+            weights = [s.weight for s in d.sources]
+        else:
+            from .byte_tokenizer import ByteTokenizer
+
+            if cfg.model.vocab_size < ByteTokenizer.vocab_size:
+                raise ConfigError(
+                    f"the built-in corpus uses the byte tokenizer ({ByteTokenizer.vocab_size} ids); "
+                    f"model.vocab_size is {cfg.model.vocab_size}"
+                )
+            if self.dist.is_main:
+                corpus = stdlib_corpus(d.cache_dir)
+            self._barrier()
+            corpus = stdlib_corpus(d.cache_dir)  # built by rank 0; now a cache hit everywhere
+            sources = [TokenSource([corpus["train"]], d.seq_len, "uint32", vocab, name="stdlib")]
+            weights = [1.0]
+            eval_paths = eval_paths or [corpus["val"]]
+            tokenizer_json = str(Path(corpus["dir"]) / "tokenizer.json")
+            if self.dist.is_main and not os.path.isfile(tokenizer_json):
+                ByteTokenizer().save(tokenizer_json)
+        train = TrainData(sources, weights, cfg.global_batch_instances, seed=d.seed,
+                          rank=self.dist.rank, world_size=self.dist.world_size)
+        evaluation = None
+        if cfg.eval_interval and eval_paths:
+            source = TokenSource(eval_paths, d.seq_len, d.eval_dtype, vocab, name="eval")
+            evaluation = EvalData(source, cfg.global_batch_instances, cfg.eval_batches,
+                                  rank=self.dist.rank, world_size=self.dist.world_size)
+        return train, evaluation, tokenizer_json
+
+    def _build_model(self) -> torch.nn.Module:
+        from .model import Olmo2ForCausalLM
+
+        cfg = self.cfg
+        if self.strategy == "fsdp":
+            # Every rank builds on meta and shards; rank 0 initializes the full
+            # model on the host with the seed and broadcasts it into the shards,
+            # so the weights are the same for any number of ranks.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            model = Olmo2ForCausalLM.from_config(cfg.model, device="meta")
+            model = parallelize(model, "fsdp", self.device, self.precision, cfg.parallel.activation_checkpointing,
+                                cfg.parallel.compile, cfg.parallel.reduce_fp32)
+            model.to_empty(device=self.device)
+            full = {}
+            if self.dist.is_main:
+                full = Olmo2ForCausalLM.from_config(cfg.model, device="cpu").state_dict()
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                                       broadcast_from_rank0=True))
+            return model
+        model = Olmo2ForCausalLM.from_config(cfg.model, device=self.device)
+        return parallelize(model, self.strategy, self.device, self.precision, cfg.parallel.activation_checkpointing,
+                           cfg.parallel.compile, cfg.parallel.reduce_fp32)
+
+    def _apply_optim_hparams(self) -> None:
+        """The config's AdamW settings win over those a loaded checkpoint carried."""
+        o = self.cfg.optim
+        for group in self.optimizer.param_groups:
+            group["betas"], group["eps"] = tuple(o.betas), o.eps
+            group["weight_decay"] = 0.0 if group.get("name") == "no_decay" else o.weight_decay
+
+    def _restore(self) -> None:
+        cfg = self.cfg
+        resume_from = None
+        if cfg.resume == "auto":
+            resume_from = ckpt.latest_checkpoint(self.ckpt_dir) if (self.ckpt_dir / ckpt.LATEST).is_file() else None
+        elif cfg.resume != "never":
+            resume_from = ckpt.resolve_checkpoint(cfg.resume)
+        elif ckpt.list_checkpoints(self.ckpt_dir):
+            raise ConfigError(
+                f"resume=never but {self.ckpt_dir} already holds checkpoints; use resume=auto to continue "
+                "that run, or another run_name/out_dir"
+            )
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer)
+            self.step = int(state["step"])
+            self.tokens_seen = int(state["tokens_seen"])
+            self.last_lr = float(state.get("lr", 0.0))
+            self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+            self.train_data.load_state_dict(state["data"])
+            if self.spikes is not None and state.get("spike") is not None:
+                self.spikes.load_state_dict(state["spike"])
+            if self.peak_lr is None:
+                self.peak_lr = float(state["peak_lr"])
+            self.resumed_from = str(resume_from)
+        elif cfg.init_from:
+            source = ckpt.resolve_checkpoint(cfg.init_from)
+            state = ckpt.load_checkpoint(source, self.model,
+                                         self.optimizer if cfg.init_from_optimizer else None, restore_rng=False)
+            if self.peak_lr is None:
+                # Stage 2: start from the learning rate stage 1 ended with.
+                self.peak_lr = float(state["lr"])
+            self.init_from = str(source)
+        self._apply_optim_hparams()
+
+    # ------------------------------------------------------------------ helpers
+    def _barrier(self) -> None:
+        if self.dist.distributed:
+            torch.distributed.barrier()
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "lr": self.last_lr,
+            "peak_lr": self.peak_lr,
+            "nonfinite_skips": self.nonfinite_skips,
+            "data": self.train_data.state_dict(),
+            "spike": self.spikes.state_dict() if self.spikes is not None else None,
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.trainer_state(),
+                                    config_yaml=self.cfg.to_yaml(), keep_last=self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        micro = cfg.micro_batch_instances
+        chunks = batch.split(micro)
+        # Count targets on the host (free), sum over ranks on the device (no sync).
+        local_count = sum(int((c[:, 1:] != IGNORE_INDEX).sum()) for c in chunks)
+        global_count = all_reduce_sum(torch.tensor(float(local_count), device=self.device))
+        scale = self.dist.world_size / global_count.clamp(min=1.0)
+        sums = torch.zeros(2, device=self.device)  # ce, z (this rank's sums)
+        self.model.train()
+        for i, chunk in enumerate(chunks):
+            ids = chunk.to(self.device, non_blocking=True)
+            with no_grad_sync(self.model, last_micro_batch=i == len(chunks) - 1), \
+                    autocast_context(self.device, self.precision, self.strategy):
+                out = self.model(input_ids=ids, labels=ids, z_loss_coef=cfg.optim.z_loss_coef, reduction="sum")
+                (out.loss * scale).backward()
+            sums += torch.stack([out.ce_loss.detach().float(), out.z_loss.detach().float()])
+        grad_norm = clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+        all_reduce_sum(sums)
+        per_token = sums / global_count.clamp(min=1.0)
+        # The one host sync of the step: everything the decision and the log need.
+        ce, z, norm, count = torch.cat([per_token, grad_norm.reshape(1).float().to(self.device),
+                                        global_count.reshape(1)]).tolist()
+        loss = ce + z
+
+        lr = self.schedule(self.step + 1)
+        reason = None
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            reason = "non-finite loss or gradient"
+            self.consecutive_nonfinite += 1
+            self.nonfinite_skips += 1
+            if self.spikes is not None:
+                self.spikes.check(loss, norm)  # keeps the history as OLMo-core does (non-finite ignored)
+        else:
+            self.consecutive_nonfinite = 0
+            if self.spikes is not None:
+                reason = self.spikes.check(loss, norm)
+        if reason is None:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: loss or gradient norm non-finite for {self.consecutive_nonfinite} "
+                "consecutive steps; stopping (lower the learning rate or check the data)"
+            )
+        self.step += 1
+        self.last_lr = lr
+        self.tokens_seen += cfg.global_batch_tokens
+        return {"loss": loss, "ce_loss": ce, "z_loss": z, "grad_norm": norm, "lr": lr,
+                "target_tokens": count, "skipped": reason}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean cross-entropy (and z-loss) over the fixed evaluation batches."""
+        sums = torch.zeros(3, device=self.device)
+        self.model.eval()
+        for batch in self.eval_data:
+            for chunk in batch.split(self.cfg.micro_batch_instances):
+                ids = chunk.to(self.device)
+                with autocast_context(self.device, self.precision, self.strategy):
+                    out = self.model(input_ids=ids, labels=ids, z_loss_coef=self.cfg.optim.z_loss_coef,
+                                     reduction="sum")
+                sums += torch.stack([out.ce_loss.float(), out.z_loss.float(), out.num_tokens.float()])
+        self.model.train()
+        ce, z, n = all_reduce_sum(sums).tolist()
+        return {"eval/ce_loss": ce / max(n, 1.0), "eval/z_loss": z / max(n, 1.0)}
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        log = MetricsLogger(self.run_dir, cfg.max_steps, start_step=self.step, enabled=self.dist.is_main,
+                            progress=cfg.progress, tensorboard=cfg.tensorboard)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+            n_params = num_parameters(cfg.model)
+            how = f"resumed from {self.resumed_from}" if self.resumed_from else (
+                f"initialized from {self.init_from}" if self.init_from else "from scratch")
+            log.message(
+                f"olmo2-train: {n_params / 1e6:.2f}M parameters, {self.dist.world_size} rank(s) on "
+                f"{self.device.type} ({self.strategy}, {self.precision}), global batch "
+                f"{cfg.global_batch_instances} x {cfg.data.seq_len} tokens, {self.grad_accum} micro-batch(es) "
+                f"per rank, steps {self.step} -> {cfg.max_steps}, {how}; run folder {self.run_dir}"
+            )
+        data_iter = iter(self.train_data)
+        last_time = time.perf_counter()
+        last_loss = None
+        try:
+            while self.step < cfg.max_steps:
+                batch = next(data_iter)
+                metrics = self.train_step(batch)
+                now = time.perf_counter()
+                step_time, last_time = now - last_time, now
+                tokens_per_s = cfg.global_batch_tokens / step_time
+                per_device = tokens_per_s / self.dist.world_size
+                skipped = metrics.pop("skipped")
+                metrics.update({
+                    "tokens_seen": self.tokens_seen,
+                    "tokens_per_s": tokens_per_s,
+                    "tokens_per_s_per_device": per_device,
+                    "step_time_s": step_time,
+                    "skipped": int(skipped is not None),
+                })
+                util = mfu(per_device, self.flops_per_token, self.peak_flops)
+                if util is not None:
+                    metrics["mfu"] = util
+                if skipped is not None:
+                    log.message(f"step {self.step}: optimizer step skipped: {skipped}")
+                last_loss = metrics["loss"]
+                self.history.append({"step": self.step, **metrics})
+                if self.eval_data is not None and self.step % cfg.eval_interval == 0:
+                    metrics.update(self.evaluate())
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps or "eval/ce_loss" in metrics:
+                    metrics.update(memory_stats(self.device))
+                    log.log(self.step, metrics)
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 \
+                        and self.step < cfg.max_steps:
+                    path = self.save()
+                    log.message(f"step {self.step}: checkpoint {path}")
+                    last_time = time.perf_counter()
+            final = {}
+            if cfg.checkpoint.save_final and self.step > 0:
+                have = ckpt.list_checkpoints(self.ckpt_dir)
+                if not have or have[-1][0] != self.step:
+                    path = self.save()
+                    log.message(f"step {self.step}: checkpoint {path}")
+                final["checkpoint"] = str(self.ckpt_dir / ckpt.step_dirname(self.step))
+            if cfg.checkpoint.export_hf:
+                out = ckpt.export_hf(self.base_model, self.run_dir / "hf", tokenizer_json=self.tokenizer_json)
+                if out is not None:
+                    log.message(f"Hugging Face checkpoint: {out}")
+                    final["hf"] = str(out)
+        finally:
+            log.close()
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "last_loss": last_loss,
+                "run_dir": str(self.run_dir), **final}
+
+
+# ---------------------------------------------------------------------- CLI
+def describe(cfg: TrainConfig, world_size: int) -> str:
+    """The resolved config and what it implies, for ``--dry-run``."""
+    n = num_parameters(cfg.model)
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    lines = [
+        cfg.to_yaml().rstrip(),
+        "# ---- derived",
+        f"# parameters: {n:,} ({n / 1e9:.3f}B)",
+        f"# training FLOPs per token: {fpt:.4g}",
+        f"# global batch: {cfg.global_batch_instances} instances x {cfg.data.seq_len} = {cfg.global_batch_tokens:,} tokens",
+        f"# micro-batch per rank: {cfg.micro_batch_instances} instances; gradient accumulation x"
+        f"{cfg.grad_accum_steps(world_size)} at {world_size} rank(s)",
+        f"# total: {cfg.max_steps:,} steps = {cfg.max_steps * cfg.global_batch_tokens:,} tokens",
+        f"# schedule: {cfg.schedule.name}, warmup {cfg.schedule.warmup_steps} steps, decay horizon "
+        f"{cfg.decay_steps} steps to {cfg.schedule.final_lr_ratio} x peak",
+        f"# run folder: {cfg.run_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, dry_run = parse_args(argv)
+    except ConfigError as exc:
+        print(f"olmo2-train: {exc}", file=sys.stderr)
+        return 2
+    if dry_run:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            print(describe(cfg, world))
+        except ConfigError as exc:
+            print(f"olmo2-train: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    import olmo2_kernels
+
+    dist_info = init_distributed(cfg.device)
+    try:
+        with olmo2_kernels.use_backend(cfg.kernel_backend):
+            trainer = Trainer(cfg, dist_info)
+            summary = trainer.fit()
+        if dist_info.is_main:
+            print(f"olmo2-train: done at step {summary['step']}, loss {summary['last_loss']}, "
+                  f"run folder {summary['run_dir']}")
+    except ConfigError as exc:
+        print(f"olmo2-train: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

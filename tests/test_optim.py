@@ -1,0 +1,133 @@
+"""AdamW groups, learning-rate schedules, clipping and the spike detector, by hand computation."""
+import math
+
+import pytest
+import torch
+
+from olmo2 import Olmo2Config, Olmo2ForCausalLM
+from olmo2.metrics import SpikeDetector, mfu, peak_flops
+from olmo2.optim import LRSchedule, build_adamw, clip_grad_norm_, split_params
+
+
+# ---------------------------------------------------------------------- schedules
+def test_warmup_then_cosine_to_a_tenth():
+    s = LRSchedule(peak_lr=1e-3, name="cosine", warmup_steps=10, decay_steps=110, final_lr_ratio=0.1)
+    assert s(1) == pytest.approx(1e-4)          # 1/10 of peak: the first update is not wasted
+    assert s(5) == pytest.approx(5e-4)
+    assert s(10) == pytest.approx(1e-3)
+    assert s(60) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half-way: (1 + cos(pi/2)) / 2 = 0.5
+    assert s(35) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert s(110) == pytest.approx(1e-4)
+    assert s(500) == pytest.approx(1e-4)        # held at the floor past the horizon
+
+
+def test_truncated_cosine_stops_above_the_floor():
+    # Stage 1: a 5T-token horizon, stopped at 4T (the 1B): the last LR is still above 0.1 x peak.
+    s = LRSchedule(peak_lr=4e-4, name="cosine", warmup_steps=4000, decay_steps=2_384_186, final_lr_ratio=0.1)
+    last = s(1_907_349)
+    p = (1_907_349 - 4000) / (2_384_186 - 4000)
+    assert last == pytest.approx(4e-5 + 3.6e-4 * 0.5 * (1 + math.cos(math.pi * p)))
+    assert 4e-5 < last < 1e-4
+
+
+def test_linear_decay_to_zero_without_warmup():
+    s = LRSchedule(peak_lr=6e-5, name="linear", warmup_steps=0, decay_steps=100, final_lr_ratio=0.0)
+    assert s(1) == pytest.approx(6e-5 * 0.99)
+    assert s(50) == pytest.approx(3e-5)
+    assert s(100) == 0.0
+
+
+def test_constant_and_bad_schedules():
+    assert LRSchedule(peak_lr=0.1, name="constant", warmup_steps=2)(1) == pytest.approx(0.05)
+    assert LRSchedule(peak_lr=0.1, name="constant", warmup_steps=2)(99) == 0.1
+    with pytest.raises(ValueError, match="name must be one of"):
+        LRSchedule(peak_lr=0.1, name="step")
+    with pytest.raises(ValueError, match=r"decay_steps \(5\) must exceed warmup_steps \(5\)"):
+        LRSchedule(peak_lr=0.1, warmup_steps=5, decay_steps=5)
+
+
+# ---------------------------------------------------------------------- parameter groups
+def test_no_weight_decay_on_embedding_only():
+    model = Olmo2ForCausalLM.from_config(Olmo2Config.preset("olmo2-test"))
+    decay, no_decay = split_params(model)
+    assert list(no_decay) == ["model.embed_tokens.weight"]
+    assert "lm_head.weight" in decay and "model.norm.weight" in decay
+    assert "model.layers.0.self_attn.q_norm.weight" in decay
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    _, no_decay = split_params(model, norm_weight_decay=False)
+    assert "model.norm.weight" in no_decay and "model.layers.1.post_feedforward_layernorm.weight" in no_decay
+
+    opt = build_adamw(model, lr=1e-3)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
+    assert groups["decay"]["betas"] == (0.9, 0.95) and groups["decay"]["eps"] == 1e-8
+
+
+# ---------------------------------------------------------------------- clipping
+def test_clip_to_global_norm():
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(4))
+    a.grad = torch.tensor([3.0, 0.0, 0.0])
+    b.grad = torch.tensor([0.0, 4.0, 0.0, 0.0])
+    norm = clip_grad_norm_([a, b], max_norm=1.0)
+    assert norm.item() == pytest.approx(5.0)  # the norm before clipping
+    total = torch.cat([a.grad, b.grad]).norm()
+    assert total.item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(a.grad, torch.tensor([0.6, 0.0, 0.0]), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_leaves_small_gradients_and_reports_nonfinite():
+    a = torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([0.3, 0.4])
+    assert clip_grad_norm_([a], 1.0).item() == pytest.approx(0.5)
+    torch.testing.assert_close(a.grad, torch.tensor([0.3, 0.4]))
+    a.grad = torch.tensor([float("nan"), 1.0])
+    assert not torch.isfinite(clip_grad_norm_([a], 1.0))
+
+
+# ---------------------------------------------------------------------- spikes
+def test_spike_detector_rule():
+    det = SpikeDetector(window=128, min_history=64, sigma=6.0)
+    values = [2.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(63)]
+    for v in values:
+        assert det.check(v, 1.0) is None
+    assert det.check(100.0, 1.0) is None  # only 63 values of history: not judged yet
+    det = SpikeDetector(window=128, min_history=64, sigma=6.0)
+    for v in values + [2.0]:
+        det.check(v, 1.0 + 0.001 * (v - 2.0))
+    n, hist = 64, list(det.history["loss"])
+    mean = sum(hist) / n
+    std = math.sqrt(sum((h - mean) ** 2 for h in hist) / (n - 1))
+
+    def probe(loss, grad_norm=1.0):
+        copy = SpikeDetector(window=128, min_history=64, sigma=6.0)
+        copy.load_state_dict(det.state_dict())
+        return copy.check(loss, grad_norm)
+
+    assert probe(mean + 5.9 * std) is None
+    assert probe(mean + 6.1 * std).startswith("loss spike")
+    assert probe(2.0, 50.0).startswith("grad_norm spike")
+    assert probe(float("nan")) is None  # non-finite: caught by the trainer, kept out of the history
+    det.check(float("nan"), 1.0)
+    assert len(det.history["loss"]) == 64
+    # A spike still enters the history (OLMo-core), and is counted.
+    assert det.check(100.0, 1.0) is not None
+    assert det.history["loss"][-1] == 100.0 and det.skipped == 1
+
+
+def test_spike_detector_window_and_state():
+    det = SpikeDetector(window=4, min_history=2, sigma=6.0)
+    for v in (1.0, 2.0, 3.0, 4.0, 5.0):
+        det.check(v, 0.5)
+    assert list(det.history["loss"]) == [2.0, 3.0, 4.0, 5.0]
+    other = SpikeDetector(window=4, min_history=2, sigma=6.0)
+    other.load_state_dict(det.state_dict())
+    assert other.state_dict() == det.state_dict()
+    with pytest.raises(ValueError, match="min_history <= window"):
+        SpikeDetector(window=4, min_history=8)
+
+
+def test_mfu():
+    assert peak_flops(torch.device("cpu")) is None
+    assert mfu(1000.0, 6e9, None) is None
+    assert mfu(55_000.0, 7.2e9, 989.5e12) == pytest.approx(55_000 * 7.2e9 / 989.5e12)
