@@ -14,6 +14,15 @@
 
 #include "common/dtype.h"
 
+#ifdef OLMO2_CUDA_EMULATION
+// Host build for tests: kernels run on CPU threads emulated by cuda/emulation.h.
+#include "cuda/emulation.h"
+#define OLMO2_LAUNCH(kernel, grid, block, stream) ::olmo2::emulation::launch(kernel, grid, block, stream)
+#else
+// kernel<<<grid, block, 0, stream>>>(args...) as OLMO2_LAUNCH(kernel, grid, block, stream)(args...).
+#define OLMO2_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
+
 namespace olmo2::cuda {
 
 using bf16 = __nv_bfloat16;

@@ -144,9 +144,9 @@ void cross_entropy_fwd(const CrossEntropyFwdParams& p, void* stream_ptr) {
     const bool vec = packable(p.logits, p.logits_stride, p.rows, p.vocab, V, sizeof(T));
     const int threads = block_threads(vec ? p.vocab / V : p.vocab, 4, kThreads);
     if (vec) {
-      ce_fwd_kernel<T, V><<<grid_for(p.rows), threads, 0, stream>>>(p);
+      OLMO2_LAUNCH((ce_fwd_kernel<T, V>), grid_for(p.rows), threads, stream)(p);
     } else {
-      ce_fwd_kernel<T, 1><<<grid_for(p.rows), threads, 0, stream>>>(p);
+      OLMO2_LAUNCH((ce_fwd_kernel<T, 1>), grid_for(p.rows), threads, stream)(p);
     }
     check_launch(op);
   });
@@ -164,9 +164,9 @@ void cross_entropy_bwd(const CrossEntropyBwdParams& p, void* stream_ptr) {
                      packable(p.out, p.out_stride, p.rows, p.vocab, V, sizeof(T));
     const int threads = block_threads(vec ? p.vocab / V : p.vocab, 4, kThreads);
     if (vec) {
-      ce_bwd_kernel<T, V><<<grid_for(p.rows), threads, 0, stream>>>(p);
+      OLMO2_LAUNCH((ce_bwd_kernel<T, V>), grid_for(p.rows), threads, stream)(p);
     } else {
-      ce_bwd_kernel<T, 1><<<grid_for(p.rows), threads, 0, stream>>>(p);
+      OLMO2_LAUNCH((ce_bwd_kernel<T, 1>), grid_for(p.rows), threads, stream)(p);
     }
     check_launch(op);
   });

@@ -204,7 +204,7 @@ template <typename W>
 __global__ void __launch_bounds__(kWarp * kSumRows) column_sum_kernel(const float* __restrict__ partial,
                                                                       int64_t n_partials, int cols, W* out) {
   __shared__ float sums[kSumRows][kWarp + 1];
-  const int j = blockIdx.x * kWarp + threadIdx.x;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   float acc = 0.0f;
   if (j < cols)
     for (int64_t b = threadIdx.y; b < n_partials; b += kSumRows) acc += partial[b * cols + j];
@@ -223,8 +223,8 @@ void launch_column_sum(const float* partial, int64_t n_partials, int cols, void*
                        const char* op) {
   if (cols == 0) return;
   const dim3 block(kWarp, kSumRows);
-  const dim3 grid(static_cast<unsigned>((cols + kWarp - 1) / kWarp));
-  column_sum_kernel<W><<<grid, block, 0, stream>>>(partial, n_partials, cols, static_cast<W*>(dw));
+  const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(cols) + kWarp - 1) / kWarp));
+  OLMO2_LAUNCH((column_sum_kernel<W>), grid, block, stream)(partial, n_partials, cols, static_cast<W*>(dw));
   check_launch(op);
 }
 
@@ -333,11 +333,17 @@ void launch_norm_bwd(const char* op, const void* x, int64_t x_stride, const void
                      Grad grad, cudaStream_t stream) {
   const int packs = cols / Grad::kVecN;
   const int threads = block_threads(packs, kBwdItems, kBwdThreads);
-  norm_bwd_kernel<T, W, Grad::kVecN, Grad><<<grid_for(n_partials), threads, 0, stream>>>(
+  OLMO2_LAUNCH((norm_bwd_kernel<T, W, Grad::kVecN, Grad>), grid_for(n_partials), threads, stream)(
       static_cast<const T*>(x), x_stride, static_cast<const W*>(w), rstd, static_cast<T*>(dx), dx_stride, partial,
       rows, cols, grad);
   check_launch(op);
   launch_column_sum<W>(partial, n_partials, cols, dw, stream, op);
+}
+
+// No rows: the weight gradient is zero (all-zero bits in every dtype).
+void zero_weight_grad(void* dw, int64_t cols, int w_dtype, cudaStream_t stream, const char* op) {
+  const size_t bytes = static_cast<size_t>(cols) * (w_dtype == static_cast<int>(DType::F32) ? 4 : 2);
+  if (cudaMemsetAsync(dw, 0, bytes, stream) != cudaSuccess) check_launch(op);
 }
 
 }  // namespace
@@ -357,9 +363,9 @@ void rms_norm_fwd(const RmsNormFwdParams& p, void* stream_ptr) {
     const int64_t packs = vec ? p.cols / V : p.cols;
     const int threads = block_threads(packs, 2, kFwdThreads);
     if (vec) {
-      rms_norm_fwd_kernel<T, W, V><<<grid_for(p.rows), threads, 0, stream>>>(p);
+      OLMO2_LAUNCH((rms_norm_fwd_kernel<T, W, V>), grid_for(p.rows), threads, stream)(p);
     } else {
-      rms_norm_fwd_kernel<T, W, 1><<<grid_for(p.rows), threads, 0, stream>>>(p);
+      OLMO2_LAUNCH((rms_norm_fwd_kernel<T, W, 1>), grid_for(p.rows), threads, stream)(p);
     }
     check_launch(op);
   });
@@ -368,9 +374,10 @@ void rms_norm_fwd(const RmsNormFwdParams& p, void* stream_ptr) {
 void rms_norm_bwd(const RmsNormBwdParams& p, void* stream_ptr) {
   const char* op = "rms_norm_bwd";
   check_width(op, p.cols);
-  if (p.rows == 0 || p.cols == 0) return;
-  require(p.partial != nullptr && p.n_partials >= 1, op, "needs an fp32 partial workspace (n_partials >= 1)");
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.cols == 0) return;
+  if (p.rows == 0) return zero_weight_grad(p.dw, p.cols, p.w_dtype, stream, op);
+  require(p.partial != nullptr && p.n_partials >= 1, op, "needs an fp32 partial workspace (n_partials >= 1)");
   const int cols = static_cast<int>(p.cols);
   dispatch_x_w(p.x_dtype, p.w_dtype, op, [&](auto xt, auto wt) {
     using T = decltype(xt);
@@ -396,6 +403,7 @@ void norm_rope_fwd(const NormRopeFwdParams& p, void* stream_ptr) {
   const char* op = "norm_rope_fwd";
   check_width(op, p.cols);
   if (p.rows == 0) return;
+  require(p.seq_len > 0, op, "seq_len must be > 0");
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   dispatch_x_w(p.x_dtype, p.w_dtype, op, [&](auto xt, auto wt) {
     using T = decltype(xt);
@@ -408,9 +416,9 @@ void norm_rope_fwd(const NormRopeFwdParams& p, void* stream_ptr) {
     const int64_t packs = vec ? p.cols / V : p.cols;
     const int threads = block_threads(packs, 2, kFwdThreads);
     if (vec) {
-      norm_rope_fwd_kernel<T, W, V><<<grid_for(p.rows), threads, 0, stream>>>(p);
+      OLMO2_LAUNCH((norm_rope_fwd_kernel<T, W, V>), grid_for(p.rows), threads, stream)(p);
     } else {
-      norm_rope_fwd_kernel<T, W, 1><<<grid_for(p.rows), threads, 0, stream>>>(p);
+      OLMO2_LAUNCH((norm_rope_fwd_kernel<T, W, 1>), grid_for(p.rows), threads, stream)(p);
     }
     check_launch(op);
   });
@@ -419,9 +427,11 @@ void norm_rope_fwd(const NormRopeFwdParams& p, void* stream_ptr) {
 void norm_rope_bwd(const NormRopeBwdParams& p, void* stream_ptr) {
   const char* op = "norm_rope_bwd";
   check_width(op, p.cols);
-  if (p.rows == 0 || p.cols == 0) return;
-  require(p.partial != nullptr && p.n_partials >= 1, op, "needs an fp32 partial workspace (n_partials >= 1)");
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  if (p.cols == 0) return;
+  if (p.rows == 0) return zero_weight_grad(p.dw, p.cols, p.w_dtype, stream, op);
+  require(p.seq_len > 0, op, "seq_len must be > 0");
+  require(p.partial != nullptr && p.n_partials >= 1, op, "needs an fp32 partial workspace (n_partials >= 1)");
   const int cols = static_cast<int>(p.cols);
   const int head_dim = static_cast<int>(p.head_dim);
   dispatch_x_w(p.x_dtype, p.w_dtype, op, [&](auto xt, auto wt) {

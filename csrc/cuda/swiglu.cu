@@ -106,9 +106,9 @@ void swiglu_fwd(const SwigluFwdParams& params, void* stream_ptr) {
                      packable(p.up, p.up_stride, p.rows, p.cols, V, sizeof(T)) &&
                      packable(p.y, p.y_stride, p.rows, p.cols, V, sizeof(T));
     if (vec) {
-      swiglu_fwd_kernel<T, V><<<grid_2d(shape, V), kThreads, 0, stream>>>(p);
+      OLMO2_LAUNCH((swiglu_fwd_kernel<T, V>), grid_2d(shape, V), kThreads, stream)(p);
     } else {
-      swiglu_fwd_kernel<T, 1><<<grid_2d(shape, 1), kThreads, 0, stream>>>(p);
+      OLMO2_LAUNCH((swiglu_fwd_kernel<T, 1>), grid_2d(shape, 1), kThreads, stream)(p);
     }
     check_launch(op);
   });
@@ -133,9 +133,9 @@ void swiglu_bwd(const SwigluBwdParams& params, void* stream_ptr) {
                      packable(p.dgate, p.dgate_stride, p.rows, p.cols, V, sizeof(T)) &&
                      packable(p.dup, p.dup_stride, p.rows, p.cols, V, sizeof(T));
     if (vec) {
-      swiglu_bwd_kernel<T, V><<<grid_2d(shape, V), kThreads, 0, stream>>>(p);
+      OLMO2_LAUNCH((swiglu_bwd_kernel<T, V>), grid_2d(shape, V), kThreads, stream)(p);
     } else {
-      swiglu_bwd_kernel<T, 1><<<grid_2d(shape, 1), kThreads, 0, stream>>>(p);
+      OLMO2_LAUNCH((swiglu_bwd_kernel<T, 1>), grid_2d(shape, 1), kThreads, stream)(p);
     }
     check_launch(op);
   });
