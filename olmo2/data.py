@@ -163,8 +163,12 @@ class TokenSource:
 
 # ---------------------------------------------------------------------- order
 def _permutation(seed: int, *key: int, n: int) -> np.ndarray:
+    """A seeded permutation of ``range(n)``: ``Generator.permutation(n)``'s order, held in
+    uint32 when it fits (4 bytes per instance: 4 GB for a billion instances)."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *key])))
-    return rng.permutation(n)
+    order = np.arange(n, dtype=np.uint32 if n < 2**32 else np.int64)
+    rng.shuffle(order)
+    return order
 
 
 def mix_counts(sizes: Sequence[int], weights: Sequence[float]) -> tuple[int, list[int]]:
@@ -209,10 +213,13 @@ class MixedOrder:
     def _load_epoch(self, epoch: int) -> None:
         if self._epoch == epoch:
             return
+        if len(self.counts) == 1:  # no mixing: position i of the epoch is the source's i-th draw
+            self._epoch, self._slots, self._rank = epoch, None, None
+            return
         dtype = np.int32 if self.epoch_len < 2**31 else np.int64
-        labels = np.repeat(np.arange(len(self.counts), dtype=np.int32), self.counts)
-        if len(self.counts) > 1:
-            labels = labels[_permutation(self.seed, 1, epoch, n=self.epoch_len)]
+        labels = np.repeat(np.arange(len(self.counts), dtype=np.int8 if len(self.counts) < 128 else np.int32),
+                           self.counts)
+        labels = labels[_permutation(self.seed, 1, epoch, n=self.epoch_len)]
         # rank[j]: how many earlier slots of this epoch belong to slot j's source.
         rank = np.empty(self.epoch_len, dtype=dtype)
         for s in range(len(self.counts)):
@@ -233,8 +240,11 @@ class MixedOrder:
     def __getitem__(self, position: int) -> tuple[int, int]:
         epoch, slot = divmod(int(position), self.epoch_len)
         self._load_epoch(epoch)
-        source = int(self._slots[slot])
-        stream = epoch * self.counts[source] + int(self._rank[slot])
+        if self._slots is None:
+            source, stream = 0, epoch * self.counts[0] + slot
+        else:
+            source = int(self._slots[slot])
+            stream = epoch * self.counts[source] + int(self._rank[slot])
         source_epoch, offset = divmod(stream, self.sizes[source])
         return source, int(self._source_perm(source, source_epoch)[offset])
 

@@ -241,10 +241,14 @@ class Trainer:
     def train_step(self, batch: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
         micro = cfg.micro_batch_instances
-        chunks = batch.split(micro)
         # Count targets on the host (free), sum over ranks on the device (no sync).
-        local_count = sum(int((c[:, 1:] != IGNORE_INDEX).sum()) for c in chunks)
-        global_count = all_reduce_sum(torch.tensor(float(local_count), device=self.device))
+        local_count = torch.tensor(float((batch[:, 1:] != IGNORE_INDEX).sum()))
+        if self.device.type == "cuda":
+            # Pinned host memory: the copies below are asynchronous, so building
+            # this step's inputs does not wait for the previous optimizer step.
+            batch, local_count = batch.pin_memory(), local_count.pin_memory()
+        global_count = all_reduce_sum(local_count.to(self.device, non_blocking=True))
+        chunks = batch.split(micro)
         scale = self.dist.world_size / global_count.clamp(min=1.0)
         sums = torch.zeros(2, device=self.device)  # ce, z (this rank's sums)
         self.model.train()
@@ -269,8 +273,6 @@ class Trainer:
             reason = "non-finite loss or gradient"
             self.consecutive_nonfinite += 1
             self.nonfinite_skips += 1
-            if self.spikes is not None:
-                self.spikes.check(loss, norm)  # keeps the history as OLMo-core does (non-finite ignored)
         else:
             self.consecutive_nonfinite = 0
             if self.spikes is not None:

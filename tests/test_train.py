@@ -227,3 +227,31 @@ def test_default_run_on_the_builtin_corpus(tmp_path):
 
     tok = Tokenizer.from_file(str(tmp_path / "olmo2-tiny" / "hf" / "tokenizer.json"))
     assert tok.token_to_id("<|endoftext|>") == 256
+
+
+def test_activation_checkpointing_and_compile_change_nothing(tmp_path):
+    """Per-block checkpointing and torch.compile give the plain run's losses; their
+    checkpoints carry clean names and resume without either wrapper."""
+    horizon = {"schedule.decay_steps": 3}
+    plain = Trainer(make_config(tmp_path / "plain", max_steps=3, **horizon))
+    plain.fit()
+    cfg = make_config(tmp_path / "wrapped", max_steps=2, **horizon, **{"parallel.activation_checkpointing": True,
+                                                                       "parallel.compile": True})
+    wrapped = Trainer(cfg)
+    assert type(wrapped.model.model.layers[0]).__name__ == "OptimizedModule"
+    wrapped.fit()
+    resumed = Trainer(make_config(tmp_path / "wrapped", max_steps=3, **horizon))
+    assert resumed.step == 2
+    resumed.fit()
+    losses = [h["loss"] for h in wrapped.history + resumed.history]
+    assert losses == pytest.approx([h["loss"] for h in plain.history], rel=1e-5)
+    assert "_orig_mod" not in "".join(ckpt_keys(tmp_path / "wrapped"))
+
+
+def ckpt_keys(root):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from olmo2 import checkpoint as ckpt
+
+    path = ckpt.resolve_checkpoint(root / "runs" / "olmo2-test") / "state"
+    return list(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
