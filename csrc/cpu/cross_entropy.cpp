@@ -4,8 +4,10 @@
 // then one exp per element), so each row is read from memory once. Backward:
 // softmax from the saved lse in fp32, one rounding per element; the target
 // entry uses expm1 so that p - 1 keeps its precision when p is close to 1.
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/kernels.h"
 #include "cpu/numeric.h"
@@ -26,12 +28,19 @@ float row_logsumexp(const T* x, int64_t vocab) {
   float running_sum = 0.0f;
   for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
     const int64_t n = std::min(kChunk, vocab - c0);
+    // fp32 rows are read in place; others are widened once into the L1-resident buffer.
+    const float* chunk = buf;
+    if constexpr (std::is_same_v<T, float>) {
+      chunk = x + c0;
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) buf[j] = to_float(x[c0 + j]);
+    }
     float chunk_max = kNegInf;
     float nan_seen = 0.0f;  // NaN logits must give a NaN lse, not be skipped by max()
 #pragma omp simd reduction(max : chunk_max) reduction(+ : nan_seen)
     for (int64_t j = 0; j < n; ++j) {
-      const float v = to_float(x[c0 + j]);
-      buf[j] = v;
+      const float v = chunk[j];
       chunk_max = v > chunk_max ? v : chunk_max;
       nan_seen += v != v ? 1.0f : 0.0f;
     }
@@ -45,7 +54,7 @@ float row_logsumexp(const T* x, int64_t vocab) {
     const float m = running_max;
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) s += exp_f32(buf[j] - m);
+    for (int64_t j = 0; j < n; ++j) s += exp_f32(chunk[j] - m);
     running_sum += s;
   }
   if (running_max == kInf) return kInf;
