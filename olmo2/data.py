@@ -33,7 +33,6 @@ import json
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 

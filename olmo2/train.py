@@ -58,6 +58,8 @@ from .train_config import ConfigError, TrainConfig, parse_args
 IGNORE_INDEX = -100
 # Stop, rather than skip forever, after this many non-finite steps in a row.
 MAX_CONSECUTIVE_NONFINITE = 10
+# Trainer.history keeps at least the last this many steps (metrics.jsonl has them all).
+HISTORY_LIMIT = 10_000
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,7 +79,8 @@ class Trainer:
 
     ``Trainer(cfg).fit()`` runs to ``cfg.max_steps`` (resuming when the run
     folder has a checkpoint and ``cfg.resume`` allows) and returns a summary.
-    ``history`` keeps every step's scalars (all ranks).
+    ``history`` keeps the scalars of the last steps (all ranks; at least
+    ``HISTORY_LIMIT`` of them).
     """
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None):
@@ -310,6 +313,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
+        """Train to ``max_steps``, checkpoint, export; returns a summary."""
+        import olmo2_kernels
+
+        with olmo2_kernels.use_backend(self.cfg.kernel_backend):
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         log = MetricsLogger(self.run_dir, cfg.max_steps, start_step=self.step, enabled=self.dist.is_main,
                             progress=cfg.progress, tensorboard=cfg.tensorboard)
@@ -360,7 +370,9 @@ class Trainer:
                         and self.step < cfg.max_steps:
                     path = self.save()
                     log.message(f"step {self.step}: checkpoint {path}")
-                    last_time = time.perf_counter()
+                if len(self.history) > 2 * HISTORY_LIMIT:
+                    del self.history[:-HISTORY_LIMIT]
+                last_time = time.perf_counter()  # step time excludes evaluation and saving
             final = {}
             if cfg.checkpoint.save_final and self.step > 0:
                 have = ckpt.list_checkpoints(self.ckpt_dir)
@@ -414,13 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"olmo2-train: {exc}", file=sys.stderr)
             return 2
         return 0
-    import olmo2_kernels
-
     dist_info = init_distributed(cfg.device)
     try:
-        with olmo2_kernels.use_backend(cfg.kernel_backend):
-            trainer = Trainer(cfg, dist_info)
-            summary = trainer.fit()
+        summary = Trainer(cfg, dist_info).fit()
         if dist_info.is_main:
             print(f"olmo2-train: done at step {summary['step']}, loss {summary['last_loss']}, "
                   f"run folder {summary['run_dir']}")

@@ -248,6 +248,10 @@ class TrainConfig:
             )
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
+        from olmo2_kernels._backend import CHOICES
+
+        if self.kernel_backend not in CHOICES:
+            raise ConfigError(f"kernel_backend must be one of {CHOICES}, got {self.kernel_backend!r}")
         if self.optim.lr is None and not self.init_from:
             raise ConfigError("optim.lr is null (continue a checkpoint's learning rate) but init_from is not set")
         if self.schedule.decay_steps is not None and self.schedule.decay_steps <= self.schedule.warmup_steps \

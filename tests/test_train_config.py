@@ -85,6 +85,7 @@ def test_round_trip_through_yaml(tmp_path):
     (["--data.sources=[{paths: [a], dtype: int64}]"], "dtype must be 'uint32' or 'uint16'"),
     (["--parallel.compile=maybe"], "parallel.compile must be true or false"),
     (["max_steps=3"], "must look like --key=value"),
+    (["--kernel_backend=fast"], "kernel_backend must be one of"),
 ])
 def test_errors_name_the_key(args, message):
     with pytest.raises(ConfigError, match=message):
