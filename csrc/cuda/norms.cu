@@ -331,8 +331,10 @@ template <typename T, typename W, typename Grad>
 void launch_norm_bwd(const char* op, const void* x, int64_t x_stride, const void* w, const float* rstd, void* dx,
                      int64_t dx_stride, void* dw, float* partial, int64_t n_partials, int64_t rows, int cols,
                      Grad grad, cudaStream_t stream) {
+  // One pack per thread up to kBwdThreads (occupancy: the grid is only n_partials
+  // blocks); wider rows use up to kBwdItems packs per thread, then the loops.
   const int packs = cols / Grad::kVecN;
-  const int threads = block_threads(packs, kBwdItems, kBwdThreads);
+  const int threads = block_threads(packs, 1, kBwdThreads);
   OLMO2_LAUNCH((norm_bwd_kernel<T, W, Grad::kVecN, Grad>), grid_for(n_partials), threads, stream)(
       static_cast<const T*>(x), x_stride, static_cast<const W*>(w), rstd, static_cast<T*>(dx), dx_stride, partial,
       rows, cols, grad);
