@@ -302,7 +302,9 @@ def rand(shape, dtype, device, scale=1.0, layout="contiguous"):
     """Random (rows, cols) values inside a NaN-filled buffer, so a kernel that
     reads out of bounds yields NaN. ``contiguous``: rows between two NaN rows;
     ``strided``: row stride cols + 16, start 8 elements in (16-byte aligned when
-    cols allows); ``misaligned``: row stride cols + 9, start 5 in."""
+    cols allows: the CUDA kernels' vector path); ``misaligned``: row stride
+    cols + 8 but start 1 element in, so only the pointer's alignment rules the
+    vector path out."""
     values = (torch.randn(shape, device=device) * scale).to(dtype)
     if len(shape) != 2:
         return values
@@ -311,7 +313,7 @@ def rand(shape, dtype, device, scale=1.0, layout="contiguous"):
         base = torch.full((rows + 2, cols), math.nan, dtype=dtype, device=device)
         view = base[1:-1]
     else:
-        offset, pad = (8, 16) if layout == "strided" else (5, 9)
+        offset, pad = (8, 16) if layout == "strided" else (1, 8)
         base = torch.full((rows, cols + pad), math.nan, dtype=dtype, device=device)
         view = base[:, offset:offset + cols]
     view.copy_(values)

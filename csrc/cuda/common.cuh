@@ -9,6 +9,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -56,7 +57,15 @@ struct alignas(sizeof(T) * N) Pack {
 
 template <typename T, int N>
 __device__ __forceinline__ void load_pack(const T* p, float (&out)[N]) {
+#ifdef OLMO2_CUDA_EMULATION
+  // A GPU faults on a misaligned vector access: record it (the launch then
+  // fails) and load without the alignment assumption so the host does not crash.
+  Pack<T, N> pack;
+  ::olmo2::emulation::check_aligned(p, sizeof(pack));
+  std::memcpy(&pack, p, sizeof(pack));
+#else
   const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(p);
+#endif
 #pragma unroll
   for (int k = 0; k < N; ++k) out[k] = to_float(pack.v[k]);
 }
@@ -66,7 +75,12 @@ __device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
   Pack<T, N> pack;
 #pragma unroll
   for (int k = 0; k < N; ++k) pack.v[k] = from_float<T>(in[k]);
+#ifdef OLMO2_CUDA_EMULATION
+  ::olmo2::emulation::check_aligned(p, sizeof(pack));
+  std::memcpy(p, &pack, sizeof(pack));
+#else
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
+#endif
 }
 
 // Elements per 16-byte access.

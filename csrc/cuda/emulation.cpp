@@ -44,6 +44,8 @@ struct Block {
 };
 
 Block* g_block = nullptr;
+const void* g_misaligned = nullptr;  // first misaligned vector access of the launch
+size_t g_misaligned_bytes = 0;
 
 void thread_entry() {
   Block& b = *g_block;
@@ -59,6 +61,13 @@ void set_thread_index(int linear) {
 }
 
 }  // namespace
+
+void check_aligned(const void* ptr, size_t bytes) {
+  if (reinterpret_cast<std::uintptr_t>(ptr) % bytes != 0 && g_misaligned == nullptr) {
+    g_misaligned = ptr;
+    g_misaligned_bytes = bytes;
+  }
+}
 
 void syncthreads() {
   Block& b = *g_block;
@@ -91,6 +100,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
   b.body = &body;
   Block* saved = g_block;
   g_block = &b;
+  g_misaligned = nullptr;
   block_dim = block;
   grid_dim = grid;
   for (unsigned bz = 0; bz < grid.z; ++bz)
@@ -128,6 +138,9 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
         }
       }
   g_block = saved;
+  if (g_misaligned != nullptr)
+    throw std::logic_error("emulation: misaligned address: a " + std::to_string(g_misaligned_bytes) +
+                           "-byte vector access at " + std::to_string(reinterpret_cast<std::uintptr_t>(g_misaligned)));
 }
 
 }  // namespace olmo2::emulation

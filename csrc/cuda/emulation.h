@@ -12,6 +12,7 @@
 // kernels here (every thread of the block shuffles at the same points).
 // Blocks run one after another; __shared__ variables become function statics.
 //
+// Vector (Pack) accesses are checked for the alignment the GPU requires.
 // Not emulated: timing, concurrency between blocks, memory-model subtleties,
 // device math precision (host libm is used), launch limits beyond block size.
 #pragma once
@@ -48,6 +49,8 @@ inline dim3 grid_dim;
 
 void syncthreads();
 float shfl_xor(unsigned mask, float value, int lane_mask);
+// Records a vector access at an address a GPU would reject; the launch then fails.
+void check_aligned(const void* ptr, size_t bytes);
 
 // Runs body() once per thread of every block of `grid`, with the indices set.
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
