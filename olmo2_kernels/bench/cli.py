@@ -111,12 +111,12 @@ def _timing_config(device: torch.device, quick: bool, budget: float | None) -> h
     return cfg
 
 
-def _plots(doc: dict, out: Path, enabled: bool) -> None:
+def _plots(doc: dict, out: Path, enabled: bool, name: str = "model") -> None:
     if not enabled:
         return
     from . import plots
 
-    written, why = plots.plot(doc, out)
+    written, why = plots.plot(doc, out, name)
     if why:
         print(f"[bench] plots skipped: {why}")
     for path in written:
@@ -198,7 +198,7 @@ def cmd_model(args) -> int:
     print()
     print(report.format_model_table(doc))
     print(f"\n[bench] wrote {path}")
-    _plots(doc, args.out, not args.no_plots)
+    _plots(doc, args.out, not args.no_plots, args.name)
     return 1 if any(r["status"] == "error" for r in doc["rows"]) else 0
 
 
@@ -208,7 +208,7 @@ def cmd_report(args) -> int:
         print(f"== {file}")
         print(report.format_kernel_table(doc) if doc["kind"] == "kernels" else report.format_model_table(doc))
         print()
-        _plots(doc, args.out or Path(file).parent, not args.no_plots)
+        _plots(doc, args.out or Path(file).parent, not args.no_plots, Path(file).stem)
     return 0
 
 

@@ -47,6 +47,9 @@ class TimingConfig:
     min_repeats: int = 5
     max_repeats: int = 500
     max_warmup_calls: int = 50
+    # Slow calls (seconds each) stop warming up after two calls once this much
+    # time has gone by: the second call already runs compiled and tuned.
+    warmup_cap_s: float = 2.0
 
 
 @dataclass
@@ -135,6 +138,8 @@ def time_calls(
     start = time.perf_counter()
     calls = 0
     while calls < cfg.max_warmup_calls and (calls < cfg.warmup_calls or time.perf_counter() - start < cfg.warmup_s):
+        if calls >= 2 and time.perf_counter() - start > cfg.warmup_cap_s:
+            break
         t0 = time.perf_counter()
         run(calls)
         synchronize(device)

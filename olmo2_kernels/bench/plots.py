@@ -21,8 +21,10 @@ def _pyplot():
     return plt
 
 
-def plot(doc: dict, out: Path) -> tuple[list[Path], str | None]:
-    """Write the plots of ``doc`` under ``out``; returns (paths, why none were written)."""
+def plot(doc: dict, out: Path, name: str = "model") -> tuple[list[Path], str | None]:
+    """Write the plots of ``doc`` under ``out``; returns (paths, why none were written).
+
+    Kernel plots are named by op; the model plot ``<name>.png``."""
     try:
         plt = _pyplot()
     except ImportError:
@@ -31,7 +33,7 @@ def plot(doc: dict, out: Path) -> tuple[list[Path], str | None]:
     out.mkdir(parents=True, exist_ok=True)
     if doc["kind"] == "kernels":
         return _kernel_plots(doc, out, plt), None
-    return _model_plots(doc, out, plt), None
+    return _model_plots(doc, out, plt, name), None
 
 
 def _title(doc: dict) -> str:
@@ -121,7 +123,7 @@ def _memory_plot(doc: dict, op: str, rows: list[dict], out: Path, plt) -> Path |
     return path
 
 
-def _model_plots(doc: dict, out: Path, plt) -> list[Path]:
+def _model_plots(doc: dict, out: Path, plt, name: str) -> list[Path]:
     rows = [r for r in doc["rows"] if r["status"] == "ok"]
     if not rows:
         return []
@@ -139,7 +141,7 @@ def _model_plots(doc: dict, out: Path, plt) -> list[Path]:
     ax.set_title(f"OLMo 2 {cfg['preset']}, batch {cfg['batch_size']} x {cfg['seq_len']}\n{_title(doc)}", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    path = out / "model.png"
+    path = out / f"{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]

@@ -1,0 +1,12 @@
+"""pytest-benchmark: swiglu on every implementation, forward and forward+backward
+(shapes and implementations as in `olmo2-bench`)."""
+import pytest
+
+import bench_support
+
+OP = "swiglu"
+
+
+@pytest.mark.parametrize("case,impl,pass_", bench_support.params(OP))
+def test_swiglu(benchmark, case, impl, pass_):
+    bench_support.run(benchmark, case, impl, pass_)
