@@ -17,7 +17,7 @@ import torch
 
 from olmo2_kernels.bench import harness, specs
 from olmo2_kernels.bench.impls import IMPLS
-from olmo2_kernels.bench.kernels import _make_sets
+from olmo2_kernels.bench.kernels import make_input_sets
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -46,7 +46,7 @@ def run(benchmark, case: specs.Case, impl_name: str, pass_: str) -> None:
         pytest.skip(f"{impl_name}: {reason}")
     spec, dims = specs.SPECS[case.op], case.d
     try:
-        sets, upstream = _make_sets(spec, dims, DTYPE, DEVICE, seed=0)
+        sets, upstream = make_input_sets(spec, dims, DTYPE, DEVICE, seed=0)
     except torch.OutOfMemoryError:
         pytest.skip("inputs do not fit in memory")
     runner = impl.build(spec, dims)

@@ -21,7 +21,7 @@ import torch
 
 from . import harness, report
 from .impls import IMPLS
-from .specs import OPS, plan
+from .specs import CPU_PRESET, GPU_PRESETS, OPS, canonical_preset, plan
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -72,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("kernels", help="every op x backend/baseline x shape (default)")
     _add_common(k)
-    k.add_argument("--ops", type=_choices("--ops", OPS), default=list(OPS))
+    k.add_argument("--ops", type=_choices("--ops", OPS), default=list(OPS),
+                   help=f"comma-separated ops among {', '.join(OPS)} (default: all)")
     k.add_argument("--backends", type=_choices("--backends", tuple(IMPLS)), default=list(IMPLS),
                    help=f"implementations to run, among {', '.join(IMPLS)} (default: all; 'torch' is the speedup baseline)")
-    k.add_argument("--presets", type=_choices("--presets", ("1b", "7b")), default=["1b", "7b"],
-                   help="model layouts whose shapes run on GPU (CPU runs use the tiny layout)")
+    k.add_argument("--presets", type=_csv, default=list(GPU_PRESETS),
+                   help="model presets (olmo2.config.PRESETS, '1b' = 'olmo2-1b') whose training shapes run on GPU "
+                        f"(default: {','.join(GPU_PRESETS)}; CPU runs use {CPU_PRESET})")
     k.add_argument("--name", default="kernels", help="results file stem: <out>/<name>.json")
     k.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
     k.add_argument("--dry-run", action="store_true", help="print the plan and why anything is skipped; run nothing")
@@ -134,7 +136,10 @@ def cmd_kernels(args) -> int:
     device = _device(args.device)
     _apply_threads(args)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cases = plan(device.type, ops=args.ops, presets=args.presets, quick=args.quick)
+    try:
+        cases = plan(device.type, ops=args.ops, presets=args.presets, quick=args.quick)
+    except ValueError as exc:
+        raise SystemExit(f"olmo2-bench: {exc}") from None
     impl_names = list(args.backends)
     if args.dry_run:
         for case in cases:
@@ -160,7 +165,7 @@ def cmd_kernels(args) -> int:
             "quick": args.quick,
             "ops": list(args.ops),
             "backends": impl_names,
-            "presets": list(args.presets) if device.type == "cuda" else ["tiny"],
+            "presets": [canonical_preset(p) for p in args.presets] if device.type == "cuda" else [CPU_PRESET],
             "seed": args.seed,
             "timing": vars(timing),
             "impl_descriptions": {n: IMPLS[n].description for n in impl_names},

@@ -148,7 +148,8 @@ class LigerImpl(Impl):
       before the product).
     * cross_entropy / linear_cross_entropy: ``lse_square_scale`` = z-loss
       coefficient, ``reduction="mean"``, ``return_z_loss=True``; Liger's loss
-      is ce + z. Fused linear cross-entropy with ``accum_dtype=float32`` where
+      is ce + z (Liger's cross-entropy returns its losses in the logits' dtype).
+      Fused linear cross-entropy with ``accum_dtype=float32`` where
       the release has it (gradients accumulated in fp32, as ours). Liger's
       cross-entropy writes the logits' gradient into the logits tensor in the
       forward: the harness restores the logits before each timed call. Both
@@ -156,6 +157,9 @@ class LigerImpl(Impl):
       it.
     * qk_norm_rope: skipped: Liger's RoPE rotates only; it has no RMSNorm over
       the whole q/k projection fused with it.
+
+    Keyword arguments a release does not take are dropped (the signatures
+    here are those of liger-kernel 0.8.5).
     """
 
     name = "liger"

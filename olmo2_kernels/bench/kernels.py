@@ -134,7 +134,7 @@ def run_case(
 
     # 2. timing
     try:
-        sets, upstream = _make_sets(spec, dims, dtype, device, seed)
+        sets, upstream = make_input_sets(spec, dims, dtype, device, seed)
     except Exception as exc:  # noqa: BLE001
         if not _oom(exc):
             raise
@@ -193,7 +193,9 @@ def _new_row(case: Case, spec, impl: Impl, dims: dict, dtype: torch.dtype) -> di
     }
 
 
-def _make_sets(spec, dims, dtype, device, seed):
+def make_input_sets(spec, dims, dtype, device, seed):
+    """Rotating copies of a case's inputs (gradient leaves marked) and their
+    upstream gradients; the first copy has exactly the numerics inputs."""
     first = spec.make_inputs(dims, dtype, device, seed)
     count = harness.rotation_count(input_bytes(first), device)
     sets = [first] + [spec.make_inputs(dims, dtype, device, seed + 1000 * i) for i in range(1, count)]
