@@ -439,9 +439,17 @@ class Olmo2ForCausalLM(nn.Module):
         # of (B, T-1, H), and the last position's target is simply ignored.
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).to(torch.int64)
         flat_targets = targets.reshape(-1)
+        head_weight = self.lm_head.weight
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Custom ops are not autocast: run the LM head in the autocast dtype,
+            # as nn.Linear would (the fp32 residual stream would otherwise make
+            # the head's matmuls fp32). Gradients flow back through the casts.
+            amp_dtype = torch.get_autocast_dtype(device_type)
+            hidden, head_weight = hidden.to(amp_dtype), head_weight.to(amp_dtype)
         ce, z = olmo2_kernels.linear_cross_entropy(
             hidden.reshape(batch * seq, -1),
-            self.lm_head.weight,
+            head_weight,
             flat_targets,
             ignore_index=IGNORE_INDEX,
             z_loss_coef=z_loss_coef,

@@ -422,3 +422,27 @@ def test_gpu_bf16_matches_fp32(gpu_backend):
     assert rel_err(got[1], ref[1]) < 1e-2
     for name in ref[2]:
         assert rel_err(got[2][name].float(), ref[2][name]) < 1e-1, name
+
+
+def test_loss_under_autocast_runs_the_head_in_the_autocast_dtype(monkeypatch):
+    import olmo2_kernels as ok
+    from olmo2 import Olmo2Config, Olmo2ForCausalLM
+
+    config = Olmo2Config.preset("olmo2-test")
+    model = Olmo2ForCausalLM.from_config(config, device="cpu")
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    seen = {}
+    real = ok.linear_cross_entropy
+
+    def spy(hidden, weight, *args, **kwargs):
+        seen["dtypes"] = (hidden.dtype, weight.dtype)
+        return real(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(ok, "linear_cross_entropy", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    assert seen["dtypes"] == (torch.bfloat16, torch.bfloat16)
+    out.loss.backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32
+    fp32 = model(ids, labels=ids).ce_loss
+    assert abs(out.ce_loss.item() - fp32.item()) < 5e-2 * fp32.item()
