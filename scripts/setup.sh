@@ -20,6 +20,11 @@ if ! python -c "import torch" 2>/dev/null; then
   # Pinned so pip takes the CPU build from local disk instead of a multi-GB CUDA build.
   pip install -q torch==2.13.0
 fi
+if ! python -c "import triton" 2>/dev/null; then
+  # The Triton that the GPU machines run (torch 2.11's): without a GPU the tests
+  # run these kernels under its interpreter, so they check the same Triton.
+  pip install -q triton==3.6.0
+fi
 pip install -q -e ".[test]"
 python - <<'PY'
 import olmo2_kernels
