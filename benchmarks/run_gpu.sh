@@ -8,7 +8,8 @@
 #   env            versions, GPU, what the package sees
 #   build          pip install --no-build-isolation --no-deps --no-index -e .  (CUDA kernels for
 #                  $OLMO2_KERNELS_CUDA_ARCHS, default 90a), and liger-kernel from .whl/ when present
-#   test           python -m pytest -q (the whole suite, on the GPU)
+#   test           python -m pytest -q (the whole suite, on the GPU; pytest-xdist with
+#                  $OLMO2_TEST_WORKERS workers, default 8, when installed; $OLMO2_PYTEST_ARGS appended)
 #   kernels-norms  olmo2-bench kernels: rms_norm, qk_norm_rope, swiglu
 #   kernels-ce     olmo2-bench kernels: cross_entropy
 #   kernels-lce    olmo2-bench kernels: linear_cross_entropy
@@ -111,7 +112,11 @@ step_build() {
 
 step_test() {
   ensure_built || return
-  logged test timeout "${OLMO2_TEST_TIMEOUT:-560}" "$PY" -m pytest -q -p no:cacheprovider
+  local xdist=()
+  if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n "${OLMO2_TEST_WORKERS:-8}"); fi
+  # shellcheck disable=SC2086
+  logged test timeout "${OLMO2_TEST_TIMEOUT:-560}" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" \
+    -rfE --durations=15 --junitxml "$RESULTS/test_junit.xml" ${OLMO2_PYTEST_ARGS:-}
 }
 
 bench_kernels() {
