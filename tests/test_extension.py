@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,12 +106,22 @@ def emulated_cuda(tmp_path_factory):
     return EmulatedCudaKernels(ctypes.CDLL(str(lib_path)))
 
 
-DEVICES = ["cpu", "cuda-emulated"] + (["cuda"] if HAS_CUDA_KERNELS else [])
+# The CPU kernels run the best instruction set the processor has (cpu/isa.h);
+# "cpu-<isa>" runs the launcher tests again on each other ISA built and supported.
+CPU_ISAS = list(C.cpu.isas()) if C is not None else []
+OTHER_CPU_ISAS = [isa for isa in CPU_ISAS if C is not None and isa != C.cpu.isa()]
+DEVICES = ["cpu"] + [f"cpu-{isa}" for isa in OTHER_CPU_ISAS] + ["cuda-emulated"] + (["cuda"] if HAS_CUDA_KERNELS else [])
 
 
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
-    """The device the launchers run on; ``cuda-emulated``: CPU tensors, CUDA kernels."""
+    """The device the launchers run on; ``cuda-emulated``: CPU tensors, CUDA kernels;
+    ``cpu-<isa>``: CPU tensors, the CPU kernels built for that instruction set."""
+    if request.param.startswith("cpu-"):
+        previous = C.cpu.isa()
+        C.cpu.set_isa(request.param[len("cpu-"):])
+        request.addfinalizer(lambda: C.cpu.set_isa(previous))
+        return torch.device("cpu")
     if request.param != "cuda-emulated":
         return torch.device(request.param)
     kernels = request.getfixturevalue("emulated_cuda")
@@ -139,6 +150,64 @@ def test_backend_info_shows_cpu():
     assert "cpu" in info["backends"]["cpu"]["available"]
     for op in OPS:
         assert _extension.has_op("cpu", op)
+
+
+def test_cpu_isa_choice():
+    caps = _extension.capabilities()
+    assert caps["cpu_isas_built"][0] == "baseline"
+    assert caps["cpu_isas"][0] == "baseline"
+    assert set(caps["cpu_isas"]) <= set(caps["cpu_isas_built"])
+    # The best supported one runs unless OLMO2_KERNELS_CPU_ISA chose another.
+    chosen = os.environ.get("OLMO2_KERNELS_CPU_ISA", "auto")
+    assert caps["cpu_isa"] == (caps["cpu_isas"][-1] if chosen == "auto" else chosen)
+    previous = C.cpu.isa()
+    try:
+        for isa in caps["cpu_isas"]:
+            C.cpu.set_isa(isa)
+            assert C.cpu.isa() == isa == _extension.capabilities()["cpu_isa"]
+        with pytest.raises(ValueError, match="expected one of 'auto', 'baseline', 'avx2'"):
+            C.cpu.set_isa("avx512")
+        if "avx2" not in caps["cpu_isas"]:
+            with pytest.raises(ValueError, match="cpu ISA 'avx2'"):
+                C.cpu.set_isa("avx2")
+        assert C.cpu.isa() == caps["cpu_isas"][-1]  # a refused choice changes nothing
+        C.cpu.set_isa("auto")
+        assert C.cpu.isa() == caps["cpu_isas"][-1]
+    finally:
+        C.cpu.set_isa(previous)
+
+
+def test_bad_cpu_isa_env_makes_the_extension_unavailable_with_the_reason():
+    code = (
+        "import olmo2_kernels, sys; info = olmo2_kernels.backend_info(); "
+        "print(info['extension']['error']); print(info['backends']['cpu']['unavailable_reason'].get('cpu'))"
+    )
+    env = dict(os.environ, OLMO2_KERNELS_CPU_ISA="sse9")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "OLMO2_KERNELS_CPU_ISA='sse9' cannot be used" in out.stdout
+    assert "expected one of 'auto', 'baseline', 'avx2'" in out.stdout
+
+
+def _objects(kind: str) -> list[Path]:
+    return sorted(ROOT.glob(f"build/*/CMakeFiles/{kind}.dir/csrc/**/*.o"))
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
+def test_only_the_avx2_build_holds_avx_instructions():
+    """Loading the module and running the baseline kernels must never execute an
+    AVX instruction: only the objects of the AVX2 build may contain one."""
+    baseline = _objects("olmo2_cpu_baseline") + _objects("olmo2_cpu_kernels") + _objects("_C")
+    if not _objects("olmo2_cpu_baseline"):
+        pytest.skip("no build folder with object files (installed from a wheel)")
+    for obj in baseline:
+        asm = subprocess.run(["objdump", "-d", str(obj)], capture_output=True, text=True, check=True).stdout
+        assert "%ymm" not in asm and "vfmadd" not in asm, f"{obj.name} ({obj.parent.parent.name}) uses AVX"
+    avx2 = _objects("olmo2_cpu_avx2")
+    if "avx2" in _extension.capabilities()["cpu_isas_built"]:
+        assert avx2, "the extension reports an AVX2 build but its objects are missing"
+        asm = subprocess.run(["objdump", "-d", str(avx2[0])], capture_output=True, text=True, check=True).stdout
+        assert "%ymm" in asm  # the check above can see AVX code
 
 
 def test_cpu_threads_follow_torch():

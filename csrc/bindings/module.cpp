@@ -69,6 +69,9 @@ py::dict capabilities() {
   caps["cpu"] = true;
   caps["openmp"] = olmo2::cpu::has_openmp();
   caps["cpu_threads"] = olmo2::cpu::num_threads();
+  caps["cpu_isa"] = olmo2::cpu::cpu_isa();
+  caps["cpu_isas"] = olmo2::cpu::cpu_isas();
+  caps["cpu_isas_built"] = olmo2::cpu::cpu_isas_built();
   py::dict ops;
   ops["cpu"] = kOps;
 #ifdef OLMO2_HAVE_CUDA
@@ -97,6 +100,12 @@ PYBIND11_MODULE(_C, m) {
       "set_num_threads", [](int n) { olmo2::cpu::set_num_threads(n); }, py::arg("n"),
       "Threads the CPU kernels use (n <= 0: OpenMP's default)");
   cpu.def("num_threads", &olmo2::cpu::num_threads, "Threads the CPU kernels use");
+  cpu.def(
+      "set_isa", [](const std::string& name) { olmo2::cpu::set_cpu_isa(name); }, py::arg("name"),
+      "Run the kernels built for this instruction set: 'auto' (the best this processor supports), "
+      "'baseline' or 'avx2'; ValueError when unknown or unsupported here");
+  cpu.def("isa", &olmo2::cpu::cpu_isa, "The instruction set the CPU kernels run");
+  cpu.def("isas", &olmo2::cpu::cpu_isas, "Instruction sets built into this module and supported here, best last");
   cpu.def(
       "cast",
       [](std::uintptr_t src, int src_dtype, std::uintptr_t dst, int dst_dtype, std::int64_t n) {

@@ -13,7 +13,7 @@
 #include "cpu/numeric.h"
 #include "cpu/parallel.h"
 
-namespace olmo2::cpu {
+namespace olmo2::cpu::OLMO2_CPU_ISA {
 namespace {
 
 constexpr int64_t kChunk = 2048;
@@ -131,4 +131,4 @@ void cross_entropy_bwd(const CrossEntropyBwdParams& p) {
   dispatch_dtype(p.dtype, "cross_entropy_bwd: logits", [&](auto t) { ce_bwd<decltype(t)>(p); });
 }
 
-}  // namespace olmo2::cpu
+}  // namespace olmo2::cpu::OLMO2_CPU_ISA

@@ -3,9 +3,21 @@
 // checked here (std::invalid_argument) and everything else by the caller.
 #pragma once
 
+#include <string>
+#include <vector>
+
 #include "common/params.h"
 
 namespace olmo2::cpu {
+
+// Instruction sets (cpu/isa.h). cpu_isas(): those built into this module and
+// supported by this processor, baseline first, best last. set_cpu_isa("auto")
+// picks the best; an unknown or unsupported name throws std::invalid_argument
+// and changes nothing. The entry points below run the active one.
+std::vector<std::string> cpu_isas();
+std::vector<std::string> cpu_isas_built();
+std::string cpu_isa();
+void set_cpu_isa(const std::string& name);
 
 // Threads the kernels use (the Python side mirrors torch.get_num_threads()).
 void set_num_threads(int n);

@@ -10,7 +10,7 @@
 #include "cpu/numeric.h"
 #include "cpu/parallel.h"
 
-namespace olmo2::cpu {
+namespace olmo2::cpu::OLMO2_CPU_ISA {
 namespace {
 
 template <typename T>
@@ -213,4 +213,4 @@ void norm_rope_bwd(const NormRopeBwdParams& p) {
   });
 }
 
-}  // namespace olmo2::cpu
+}  // namespace olmo2::cpu::OLMO2_CPU_ISA

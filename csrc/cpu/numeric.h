@@ -4,7 +4,8 @@
 // it (libm's expf is an opaque scalar call).
 //
 // Everything is branch-free selects on integers and floats: GCC and Clang turn
-// loops over these into SSE2/NEON code without -march flags or -ffast-math.
+// loops over these into SSE2/NEON code without -march flags or -ffast-math, and
+// into AVX2 + FMA code in the isa_avx2 build (cpu/isa.h).
 #pragma once
 
 #include <cstdint>
@@ -14,8 +15,9 @@
 #include <string>
 
 #include "common/dtype.h"
+#include "cpu/isa.h"
 
-namespace olmo2::cpu {
+namespace olmo2::cpu::OLMO2_CPU_ISA {
 
 struct bf16 {
   uint16_t bits;
@@ -139,4 +141,4 @@ inline float exp_f32(float x) {
   return x < kLo ? 0.0f : result;
 }
 
-}  // namespace olmo2::cpu
+}  // namespace olmo2::cpu::OLMO2_CPU_ISA

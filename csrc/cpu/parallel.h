@@ -10,9 +10,10 @@
 #include <omp.h>
 #endif
 
+#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
-namespace olmo2::cpu {
+namespace olmo2::cpu::OLMO2_CPU_ISA {
 
 // Below this many elements of work a parallel region costs more than it saves.
 constexpr int64_t kMinParallelWork = 1 << 15;
@@ -45,4 +46,4 @@ inline void parallel_ranges(int64_t items, int threads, Fn&& fn) {
 #endif
 }
 
-}  // namespace olmo2::cpu
+}  // namespace olmo2::cpu::OLMO2_CPU_ISA

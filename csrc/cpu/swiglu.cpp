@@ -9,7 +9,7 @@
 #include "cpu/numeric.h"
 #include "cpu/parallel.h"
 
-namespace olmo2::cpu {
+namespace olmo2::cpu::OLMO2_CPU_ISA {
 namespace {
 
 constexpr int64_t kSegment = 1 << 14;
@@ -117,4 +117,4 @@ void cast(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n) {
   });
 }
 
-}  // namespace olmo2::cpu
+}  // namespace olmo2::cpu::OLMO2_CPU_ISA

@@ -56,7 +56,11 @@ def _cpu_name() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads)"
+    from olmo2_kernels import _extension
+
+    isa = _extension.capabilities().get("cpu_isa")
+    kernels = f", {isa} kernels" if isa else ""
+    return f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads{kernels})"
 
 
 def device_slug(device: torch.device) -> str:
