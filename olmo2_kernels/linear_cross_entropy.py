@@ -5,28 +5,40 @@ Tokens are processed ``chunk_size`` rows at a time, forward and backward, so the
 extra memory scales with ``chunk_size * V``, not ``N * V``. The spec is
 :func:`olmo2_kernels.reference.linear_cross_entropy`.
 
-Forward (custom op ``linear_cross_entropy_fwd``): for each chunk of rows,
-``logits_c = hidden_c @ weight.T`` into one reused (chunk_size, V) buffer, then
-the cross-entropy row forward of the backend on it; per-token ``ce``, ``z`` and
-``lse`` are kept (N fp32 values each), the logits are not.
+Two paths, chosen per call:
 
-Backward (custom op ``linear_cross_entropy_bwd``): for each chunk, recompute
-``logits_c``, run the cross-entropy row backward into the same buffer, then
-``dhidden_c = dlogits_c @ weight`` and ``dweight += dlogits_c.T @ hidden_c``.
+* Gradients in the forward (custom op ``linear_cross_entropy_fused``), taken
+  when a gradient is needed and ``reduction`` is ``"mean"`` or ``"sum"`` (the
+  training case): for each chunk of rows, ``logits_c = hidden_c @ weight.T``
+  into one reused (chunk_size, V) buffer, the cross-entropy row forward, then
+  at once the row backward of ``ce + z`` into the same buffer,
+  ``dhidden_c = dlogits_c @ weight`` and ``dweight += dlogits_c.T @ hidden_c``.
+  The backward only scales the saved gradients by the upstream one. Three
+  matmuls in all (``6*N*H*V`` FLOPs), as many as the unfused path that keeps
+  the logits. This assumes the two losses get the same upstream gradient (the
+  loss is ``ce + z``, or z_loss_coef is 0); when they do not, the backward
+  falls back to the recompute path below (correct, one more matmul, and one
+  device sync to find out).
+* Recompute (custom ops ``linear_cross_entropy_fwd`` and ``_bwd``): for
+  ``reduction="none"``, or when no gradient is needed. The forward keeps only
+  per-token ``ce``, ``z`` and ``lse`` (N fp32 values each); the backward
+  recomputes ``logits_c`` chunk by chunk, runs the row backward with the
+  per-token upstream gradients and the two gradient matmuls: ``8*N*H*V``
+  FLOPs with the forward.
+
 ``dweight`` is accumulated in fp32 across chunks (accumulating the LM-head
-gradient in bf16 drifts the loss) and rounded to weight's dtype once at the end.
+gradient in bf16 drifts the loss) and rounded to weight's dtype once.
 
 Logits dtype: on CUDA, bf16/fp16 inputs give fp32 logits when the torch build
 has ``torch.mm(..., out_dtype=torch.float32)`` (cuBLAS accumulates in fp32
 anyway; the rounding to bf16 is skipped); otherwise, and on CPU, the input
 dtype. The row kernels read either and compute in fp32.
 
-FLOPs: forward ``2*N*H*V`` (one matmul); backward ``6*N*H*V`` (the recompute
-and the two gradient matmuls); ``8*N*H*V`` in all, against ``6*N*H*V`` for the
-unfused path that keeps the logits. Extra memory: one (chunk_size, V) logits
-buffer (plus a (chunk_size, V) low-precision copy of its gradient when the
-logits are fp32 and the weight is not), the fp32 (V, H) ``dweight``
-accumulator, and O(N) per-token values.
+Extra memory: one (chunk_size, V) logits buffer (plus a (chunk_size, V)
+low-precision copy of its gradient when the logits are fp32 and the weight is
+not), the fp32 (V, H) ``dweight`` accumulator, O(N) per-token values, and on
+the fused path ``dhidden`` and ``dweight`` (in the input dtypes) held from the
+forward to the backward.
 
 The backend (``triton``, ``cpu``, ``cuda``) is that of the cross-entropy row
 kernels; the matmuls are torch's.
@@ -151,6 +163,36 @@ def _(hidden, weight, labels, ignore_index, z_loss_coef, chunk_size, backend) ->
     return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
 
 
+def _grad_buffers(hidden: Tensor, weight: Tensor, rows: int, backend: str) -> tuple[Tensor, Tensor | None]:
+    """The chunk logits buffer and, where the row backward can round the fp32
+    logits' gradient straight to the matmul dtype (Triton), a buffer for it."""
+    vocab = weight.shape[0]
+    logits_dtype = _logits_dtype(hidden)
+    buf = torch.empty((rows, vocab), dtype=logits_dtype, device=hidden.device)
+    grad_buf = None
+    if logits_dtype != weight.dtype and backend == "triton":
+        grad_buf = torch.empty((rows, vocab), dtype=weight.dtype, device=hidden.device)
+    return buf, grad_buf
+
+
+def _chunk_grads(
+    hidden_c: Tensor, weight: Tensor, logits: Tensor, grad_buf: Tensor | None, labels_c: Tensor, lse_c: Tensor,
+    grad_ce_c: Tensor, grad_z_c: Tensor, ignore_index: int, z_loss_coef: float, backend: str,
+    dhidden_c: Tensor | None, dweight_acc: Tensor | None,
+) -> None:
+    """Row backward of one chunk into its logits buffer, then ``dhidden_c =
+    dlogits @ weight`` and ``dweight_acc += dlogits.T @ hidden_c`` (each when given)."""
+    rows = logits.shape[0]
+    out = grad_buf[:rows] if grad_buf is not None else logits
+    dlogits = _BWD[backend](logits, labels_c, lse_c, grad_ce_c, grad_z_c, ignore_index, z_loss_coef, out=out)
+    if dlogits.dtype != weight.dtype:
+        dlogits = dlogits.to(weight.dtype)
+    if dhidden_c is not None:
+        torch.mm(dlogits, weight, out=dhidden_c)
+    if dweight_acc is not None:
+        _accumulate_dweight(dweight_acc, dlogits, hidden_c)
+
+
 @torch.library.custom_op("olmo2_kernels::linear_cross_entropy_bwd", mutates_args=())
 def linear_cross_entropy_bwd(
     hidden: Tensor,
@@ -166,34 +208,22 @@ def linear_cross_entropy_bwd(
 ) -> tuple[Tensor, Tensor]:
     """``(dhidden, dweight)`` in the dtypes of hidden and weight; the logits are
     recomputed chunk by chunk, ``dweight`` accumulated in fp32."""
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    n_tokens = hidden.shape[0]
     labels = kernel_labels(labels)
     lse = lse.contiguous()
     grad_ce = grad_ce.to(torch.float32).contiguous()
     grad_z = grad_z.to(torch.float32).contiguous()
     dhidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     dweight = torch.zeros(weight.shape, dtype=reference.accumulation_dtype(weight.dtype), device=weight.device)
-    rows = min(chunk_size, n_tokens)
-    logits_dtype = _logits_dtype(hidden)
-    buf = torch.empty((rows, vocab), dtype=logits_dtype, device=hidden.device)
-    # The Triton row backward can round fp32 logits' gradient straight to the
-    # matmul dtype; other backends write in the logits' dtype and are cast.
-    grad_buf = None
-    if logits_dtype != weight.dtype and backend == "triton":
-        grad_buf = torch.empty((rows, vocab), dtype=weight.dtype, device=hidden.device)
+    buf, grad_buf = _grad_buffers(hidden, weight, min(chunk_size, n_tokens), backend)
     for start in range(0, n_tokens, chunk_size):
         stop = min(start + chunk_size, n_tokens)
         hidden_c = hidden[start:stop]
         logits = _chunk_logits(hidden_c, weight, buf[: stop - start])
-        out = grad_buf[: stop - start] if grad_buf is not None else logits
-        dlogits = _BWD[backend](
-            logits, labels[start:stop], lse[start:stop], grad_ce[start:stop], grad_z[start:stop],
-            ignore_index, z_loss_coef, out=out,
+        _chunk_grads(
+            hidden_c, weight, logits, grad_buf, labels[start:stop], lse[start:stop], grad_ce[start:stop],
+            grad_z[start:stop], ignore_index, z_loss_coef, backend, dhidden[start:stop], dweight,
         )
-        if dlogits.dtype != weight.dtype:
-            dlogits = dlogits.to(weight.dtype)
-        torch.mm(dlogits, weight, out=dhidden[start:stop])
-        _accumulate_dweight(dweight, dlogits, hidden_c)
     return dhidden, dweight.to(weight.dtype)
 
 
@@ -228,6 +258,133 @@ def _backward(ctx, grad_ce: Tensor | None, grad_z: Tensor | None, _grad_lse: Ten
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("olmo2_kernels::linear_cross_entropy_fused", mutates_args=())
+def linear_cross_entropy_fused(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    z_loss_coef: float,
+    reduction: str,
+    chunk_size: int,
+    backend: str,
+    grad_hidden: bool,
+    grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reduced ``(ce, z)`` (``reduction`` "mean" or "sum"), per-token ``lse``,
+    and the gradients of ``ce + z`` for hidden and weight (in their dtypes; an
+    empty tensor where not asked for), all in one pass over the chunks."""
+    n_tokens = hidden.shape[0]
+    labels = kernel_labels(labels)
+    ce, z, lse = (torch.empty(n_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    valid = labels != ignore_index
+    # d(reduced loss) / d(per-token loss): 1, or 1 / (non-ignored tokens) without a host sync.
+    if reduction == "mean":
+        per_token = (1.0 / valid.sum().clamp(min=1).to(torch.float32)).expand(n_tokens).contiguous()
+    else:
+        per_token = torch.ones(n_tokens, dtype=torch.float32, device=hidden.device)
+    dhidden = torch.empty(hidden.shape if grad_hidden else (0,), dtype=hidden.dtype, device=hidden.device)
+    dweight = torch.zeros(
+        weight.shape if grad_weight else (0,), dtype=reference.accumulation_dtype(weight.dtype), device=weight.device
+    )
+    buf, grad_buf = _grad_buffers(hidden, weight, min(chunk_size, n_tokens), backend)
+    for start in range(0, n_tokens, chunk_size):
+        stop = min(start + chunk_size, n_tokens)
+        hidden_c = hidden[start:stop]
+        logits = _chunk_logits(hidden_c, weight, buf[: stop - start])
+        ce_c, z_c, lse_c = _FWD[backend](logits, labels[start:stop], ignore_index, z_loss_coef)
+        ce[start:stop] = ce_c
+        z[start:stop] = z_c
+        lse[start:stop] = lse_c
+        _chunk_grads(
+            hidden_c, weight, logits, grad_buf, labels[start:stop], lse_c, per_token[start:stop],
+            per_token[start:stop], ignore_index, z_loss_coef, backend,
+            dhidden[start:stop] if grad_hidden else None, dweight if grad_weight else None,
+        )
+    ce_loss, z_loss = reference.reduce_token_losses(ce, z, valid, reduction)
+    return ce_loss, z_loss, lse, dhidden, dweight.to(weight.dtype)
+
+
+@linear_cross_entropy_fused.register_fake
+def _(hidden, weight, labels, ignore_index, z_loss_coef, reduction, chunk_size, backend, grad_hidden, grad_weight):
+    n = hidden.shape[0]
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty(n, dtype=torch.float32),
+        hidden.new_empty(hidden.shape if grad_hidden else (0,)),
+        weight.new_empty(weight.shape if grad_weight else (0,)),
+    )
+
+
+@torch.library.custom_op("olmo2_kernels::linear_cross_entropy_fused_bwd", mutates_args=())
+def linear_cross_entropy_fused_bwd(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    dhidden: Tensor,
+    dweight: Tensor,
+    grad_ce: Tensor,
+    grad_z: Tensor,
+    ignore_index: int,
+    z_loss_coef: float,
+    reduction: str,
+    chunk_size: int,
+    backend: str,
+    grad_hidden: bool,
+    grad_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """The gradients of the fused forward for upstream gradients ``grad_ce`` and
+    ``grad_z`` (0-dim): the saved ones (those of ce + z) scaled, when z does not
+    count (coefficient 0) or gets the same upstream gradient as ce; else
+    recomputed chunk by chunk. A custom op so that this data-dependent choice
+    stays out of traced graphs."""
+    g_ce = grad_ce.to(torch.float32)
+    g_z = grad_z.to(torch.float32)
+    if z_loss_coef == 0.0 or torch.equal(g_ce, g_z):
+        return torch.mul(dhidden, g_ce), torch.mul(dweight, g_ce)
+    n_tokens = hidden.shape[0]
+    if reduction == "mean":
+        count = (labels != ignore_index).sum().clamp(min=1).to(torch.float32)
+        g_ce, g_z = g_ce / count, g_z / count
+    dh, dw = linear_cross_entropy_bwd(
+        hidden, weight, labels, lse, g_ce.expand(n_tokens), g_z.expand(n_tokens),
+        ignore_index, z_loss_coef, chunk_size, backend,
+    )
+    # Only the gradients the forward was asked for (the others are empty there too).
+    return (dh if grad_hidden else dhidden.new_empty(0), dw if grad_weight else dweight.new_empty(0))
+
+
+@linear_cross_entropy_fused_bwd.register_fake
+def _(hidden, weight, labels, lse, dhidden, dweight, grad_ce, grad_z, ignore_index, z_loss_coef, reduction,
+      chunk_size, backend, grad_hidden, grad_weight):
+    return torch.empty_like(dhidden), torch.empty_like(dweight)
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, labels, ignore_index, z_loss_coef, reduction, chunk_size, backend, grad_hidden, grad_weight = inputs
+    _ce, _z, lse, dhidden, dweight = output
+    ctx.mark_non_differentiable(lse, dhidden, dweight)
+    ctx.save_for_backward(hidden, weight, labels, lse, dhidden, dweight)
+    ctx.args = (ignore_index, z_loss_coef, reduction, chunk_size, backend)
+    ctx.grads = (grad_hidden, grad_weight)
+
+
+def _fused_backward(ctx, grad_ce: Tensor | None, grad_z: Tensor | None, *_unused):
+    hidden, weight, labels, lse, dhidden, dweight = ctx.saved_tensors
+    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    dh, dw = linear_cross_entropy_fused_bwd(
+        hidden, weight, labels, lse, dhidden, dweight,
+        zero if grad_ce is None else grad_ce, zero if grad_z is None else grad_z, *ctx.args, *ctx.grads,
+    )
+    grad_hidden, grad_weight = ctx.grads
+    return (dh if grad_hidden else None, dw if grad_weight else None) + (None,) * 8
+
+
+linear_cross_entropy_fused.register_autograd(_fused_backward, setup_context=_fused_setup_context)
+
+
 # --------------------------------------------------------------------------- functional API
 def linear_cross_entropy(
     hidden: Tensor,
@@ -244,8 +401,10 @@ def linear_cross_entropy(
     int32. Same results and reductions as :func:`olmo2_kernels.cross_entropy`.
     ``chunk_size`` rows are processed at a time (default:
     :func:`default_chunk_size`); peak extra memory grows with
-    ``chunk_size * V``. Costs ``2*N*H*V`` FLOPs forward and ``6*N*H*V``
-    backward (the logits are recomputed).
+    ``chunk_size * V``. When a gradient is needed and ``reduction`` is "mean"
+    or "sum", the forward also computes the gradients (``6*N*H*V`` FLOPs in
+    all, the backward only scales them); otherwise ``2*N*H*V`` forward and
+    ``6*N*H*V`` backward, recomputing the logits. See the module docstring.
     """
     _validate.tensor(OP, "hidden", hidden, min_ndim=2)
     if hidden.dim() != 2:
@@ -270,5 +429,12 @@ def linear_cross_entropy(
         return reference.linear_cross_entropy(hidden, weight, labels, ignore_index, coef, reduction)
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    grad_hidden = hidden.requires_grad and torch.is_grad_enabled()
+    grad_weight = weight.requires_grad and torch.is_grad_enabled()
+    if reduction != "none" and (grad_hidden or grad_weight):
+        ce, z, _lse, _dh, _dw = linear_cross_entropy_fused(
+            hidden, weight, labels, ignore_index, coef, reduction, chunk_size, backend, grad_hidden, grad_weight
+        )
+        return ce, z
     ce, z, _lse = linear_cross_entropy_fwd(hidden, weight, labels, ignore_index, coef, chunk_size, backend)
     return reference.reduce_token_losses(ce, z, labels != ignore_index, reduction)

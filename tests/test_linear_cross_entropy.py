@@ -172,6 +172,120 @@ def test_compile_fullgraph(backend, device):
     assert (hidden.grad[labels == -100] == 0).all()
 
 
+# --------------------------------------------------------------------------- gradients in the forward
+# With reduction "mean"/"sum" and a gradient needed, the forward computes the
+# gradients of ce + z and the backward scales them (the fused path); the tests
+# above backprop different upstream gradients into ce and z, which takes the
+# recompute fallback. These take the fused path.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("z_loss_coef", [0.0, 1e-4])
+def test_fused_gradients(backend, device, dtype, reduction, z_loss_coef):
+    hidden, weight, labels = make_inputs(37, 24, 301, device, dtype, ignore_every=3)
+    h = hidden.detach().requires_grad_(True)
+    w = weight.detach().requires_grad_(True)
+    ce, z = olmo2_kernels.linear_cross_entropy(h, w, labels, z_loss_coef=z_loss_coef, reduction=reduction, chunk_size=8)
+    scale = 0.7  # an upstream gradient away from 1: the saved gradients must be scaled
+    (scale * (ce + z)).backward()
+    h64, w64 = f64_leaf(hidden), f64_leaf(weight)
+    ce64, z64 = reference.linear_cross_entropy(h64, w64, labels, z_loss_coef=z_loss_coef, reduction=reduction)
+    (scale * (ce64 + z64)).backward()
+    assert_close(ce, ce64, dtype, reduction=37, name="ce")
+    assert_close(z, z64, dtype, reduction=37, name="z")
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+    assert_close(h.grad, h64.grad, dtype, name="dhidden")
+    assert_close(w.grad, w64.grad, dtype, reduction=37, name="dweight")
+    assert (h.grad[labels == -100] == 0).all()
+
+
+class _CountChunkMatmuls:
+    """Counts the chunk logits matmuls, forward and backward apart."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = lce_module._chunk_logits
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(lce_module, "_chunk_logits", counting)
+
+
+@pytest.mark.parametrize("same_upstream", [True, False])
+def test_fused_path_never_recomputes_the_logits(backend, device, monkeypatch, same_upstream):
+    if backend == "torch":
+        pytest.skip("the torch backend is the spec: no chunks")
+    counter = _CountChunkMatmuls(monkeypatch)
+    hidden, weight, labels = make_inputs(50, 16, 96, device, torch.float32)
+    h = hidden.detach().requires_grad_(True)
+    w = weight.detach().requires_grad_(True)
+    ce, z = olmo2_kernels.linear_cross_entropy(h, w, labels, z_loss_coef=1e-3, chunk_size=16)
+    assert counter.calls == 4  # ceil(50 / 16) chunks
+    if same_upstream:
+        (ce + z).backward()
+        assert counter.calls == 4, "the backward must reuse the gradients of the forward"
+    else:
+        # Different upstream gradients for ce and z: recomputed, still exact.
+        torch.autograd.backward((ce, z), (torch.tensor(0.5), torch.tensor(2.0)))
+        assert counter.calls == 8
+    h64, w64 = f64_leaf(hidden), f64_leaf(weight)
+    ce64, z64 = reference.linear_cross_entropy(h64, w64, labels, z_loss_coef=1e-3)
+    if same_upstream:
+        (ce64 + z64).backward()
+    else:
+        (0.5 * ce64 + 2.0 * z64).backward()
+    assert_close(h.grad, h64.grad, torch.float32, name="dhidden")
+    assert_close(w.grad, w64.grad, torch.float32, reduction=50, name="dweight")
+
+
+def test_no_grad_forward_computes_no_gradients(backend, device, monkeypatch):
+    hidden, weight, labels = make_inputs(21, 16, 96, device, torch.float32)
+    h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
+    with_grad = olmo2_kernels.linear_cross_entropy(h, w, labels, z_loss_coef=1e-3)
+    if backend != "torch":
+        calls = []
+        monkeypatch.setattr(lce_module, "_chunk_grads", lambda *a, **k: calls.append(1))
+    with torch.no_grad():
+        without = olmo2_kernels.linear_cross_entropy(h, w, labels, z_loss_coef=1e-3)
+    if backend != "torch":
+        assert not calls
+    for a, b in zip(with_grad, without):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["hidden", "weight"])
+def test_gradient_for_one_input_only(backend, device, which):
+    hidden, weight, labels = make_inputs(19, 16, 96, device, torch.bfloat16)
+    h = hidden.detach().requires_grad_(which == "hidden")
+    w = weight.detach().requires_grad_(which == "weight")
+    ce, z = olmo2_kernels.linear_cross_entropy(h, w, labels, z_loss_coef=1e-4, chunk_size=5)
+    (ce + z).backward()
+    h64, w64 = f64_leaf(hidden), f64_leaf(weight)
+    ce64, z64 = reference.linear_cross_entropy(h64, w64, labels, z_loss_coef=1e-4)
+    (ce64 + z64).backward()
+    if which == "hidden":
+        assert w.grad is None
+        assert_close(h.grad, h64.grad, torch.bfloat16, name="dhidden")
+    else:
+        assert h.grad is None
+        assert_close(w.grad, w64.grad, torch.bfloat16, reduction=19, name="dweight")
+
+
+def test_backward_twice_with_retain_graph(backend, device):
+    """The saved gradients are not consumed by the first backward."""
+    hidden, weight, labels = make_inputs(23, 16, 96, device, torch.float32)
+    h = hidden.detach().requires_grad_(True)
+    w = weight.detach().requires_grad_(True)
+    ce, z = olmo2_kernels.linear_cross_entropy(h, w, labels, z_loss_coef=1e-4, chunk_size=7)
+    loss = ce + z
+    loss.backward(retain_graph=True)
+    first_h, first_w = h.grad.clone(), w.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(h.grad, 2 * first_h)
+    torch.testing.assert_close(w.grad, 2 * first_w)
+
+
 # --------------------------------------------------------------------------- memory
 MEM_H, MEM_V = 16, 3001  # N * V dominates everything else
 

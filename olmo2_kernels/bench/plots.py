@@ -76,7 +76,7 @@ def _kernel_plots(doc: dict, out: Path, plt) -> list[Path]:
         axes[1].set_ylim(bottom=0)
         axes[0].set_ylabel("forward+backward median ms (bars: 20%-80%)")
         axes[0].set_yscale("log")
-        axes[1].set_ylabel("forward+backward " + ("TFLOP/s (8NHV / time)" if flops else "GB/s (minimum bytes / time)"))
+        axes[1].set_ylabel("forward+backward " + ("TFLOP/s (6NHV / time)" if flops else "GB/s (minimum bytes / time)"))
         for ax in axes:
             ax.set_xticks(range(len(labels)))
             ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=7)
