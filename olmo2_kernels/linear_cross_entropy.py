@@ -16,9 +16,10 @@ Two paths, chosen per call:
   The backward only scales the saved gradients by the upstream one. Three
   matmuls in all (``6*N*H*V`` FLOPs), as many as the unfused path that keeps
   the logits. This assumes the two losses get the same upstream gradient (the
-  loss is ``ce + z``, or z_loss_coef is 0); when they do not, the backward
-  falls back to the recompute path below (correct, one more matmul, and one
-  device sync to find out).
+  loss is ``ce + z``, or z_loss_coef is 0). For ``ce + z`` autograd passes one
+  tensor object to both, which the backward recognizes at no cost; other
+  upstream gradients are compared (a device sync) and, when they differ, the
+  backward falls back to the recompute path below (correct, one more matmul).
 * Recompute (custom ops ``linear_cross_entropy_fwd`` and ``_bwd``): for
   ``reduction="none"``, or when no gradient is needed. The forward keeps only
   per-token ``ce``, ``z`` and ``lse`` (N fp32 values each); the backward
@@ -334,15 +335,18 @@ def linear_cross_entropy_fused_bwd(
     backend: str,
     grad_hidden: bool,
     grad_weight: bool,
+    same_upstream: bool,
 ) -> tuple[Tensor, Tensor]:
     """The gradients of the fused forward for upstream gradients ``grad_ce`` and
     ``grad_z`` (0-dim): the saved ones (those of ce + z) scaled, when z does not
     count (coefficient 0) or gets the same upstream gradient as ce; else
-    recomputed chunk by chunk. A custom op so that this data-dependent choice
-    stays out of traced graphs."""
+    recomputed chunk by chunk. ``same_upstream``: the caller knows the two are
+    one tensor (autograd passes one object for both terms of ``ce + z``), so no
+    comparison, which would be a device sync, is needed. A custom op so that the
+    data-dependent choice stays out of traced graphs."""
     g_ce = grad_ce.to(torch.float32)
     g_z = grad_z.to(torch.float32)
-    if z_loss_coef == 0.0 or torch.equal(g_ce, g_z):
+    if z_loss_coef == 0.0 or same_upstream or torch.equal(g_ce, g_z):
         return torch.mul(dhidden, g_ce), torch.mul(dweight, g_ce)
     n_tokens = hidden.shape[0]
     if reduction == "mean":
@@ -358,7 +362,7 @@ def linear_cross_entropy_fused_bwd(
 
 @linear_cross_entropy_fused_bwd.register_fake
 def _(hidden, weight, labels, lse, dhidden, dweight, grad_ce, grad_z, ignore_index, z_loss_coef, reduction,
-      chunk_size, backend, grad_hidden, grad_weight):
+      chunk_size, backend, grad_hidden, grad_weight, same_upstream):
     return torch.empty_like(dhidden), torch.empty_like(dweight)
 
 
@@ -374,9 +378,12 @@ def _fused_setup_context(ctx, inputs, output) -> None:
 def _fused_backward(ctx, grad_ce: Tensor | None, grad_z: Tensor | None, *_unused):
     hidden, weight, labels, lse, dhidden, dweight = ctx.saved_tensors
     zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    # For loss = ce + z autograd hands both terms the same tensor object.
+    same_upstream = grad_ce is not None and grad_ce is grad_z
     dh, dw = linear_cross_entropy_fused_bwd(
         hidden, weight, labels, lse, dhidden, dweight,
         zero if grad_ce is None else grad_ce, zero if grad_z is None else grad_z, *ctx.args, *ctx.grads,
+        same_upstream,
     )
     grad_hidden, grad_weight = ctx.grads
     return (dh if grad_hidden else None, dw if grad_weight else None) + (None,) * 8
