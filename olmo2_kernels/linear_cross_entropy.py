@@ -131,6 +131,28 @@ def _logits_dtype(hidden: Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def _logits_buffer(hidden: Tensor, weight: Tensor, rows: int) -> Tensor:
+    """The (rows, V) buffer that every chunk's logits are written into."""
+    return torch.empty((rows, weight.shape[0]), dtype=_logits_dtype(hidden), device=hidden.device)
+
+
+def _forward_chunks(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, z_loss_coef: float, chunk_size: int,
+    backend: str, buf: Tensor, ce: Tensor, z: Tensor, lse: Tensor,
+):
+    """For each chunk of rows: its logits into ``buf``, the row forward into
+    ``ce``, ``z`` and ``lse``; yields ``(start, stop, logits)`` so the caller
+    can use the chunk's logits before the next chunk overwrites them."""
+    n_tokens = hidden.shape[0]
+    for start in range(0, n_tokens, chunk_size):
+        stop = min(start + chunk_size, n_tokens)
+        logits = _chunk_logits(hidden[start:stop], weight, buf[: stop - start])
+        ce[start:stop], z[start:stop], lse[start:stop] = _FWD[backend](
+            logits, labels[start:stop], ignore_index, z_loss_coef
+        )
+        yield start, stop, logits
+
+
 # --------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("olmo2_kernels::linear_cross_entropy_fwd", mutates_args=())
 def linear_cross_entropy_fwd(
@@ -143,18 +165,13 @@ def linear_cross_entropy_fwd(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token fp32 ``(ce, z, lse)`` of ``hidden @ weight.T``, chunk by chunk."""
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    n_tokens = hidden.shape[0]
     ce, z, lse = (torch.empty(n_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3))
-    labels = kernel_labels(labels)
-    rows = min(chunk_size, n_tokens)
-    buf = torch.empty((rows, vocab), dtype=_logits_dtype(hidden), device=hidden.device)
-    for start in range(0, n_tokens, chunk_size):
-        stop = min(start + chunk_size, n_tokens)
-        logits = _chunk_logits(hidden[start:stop], weight, buf[: stop - start])
-        ce_c, z_c, lse_c = _FWD[backend](logits, labels[start:stop], ignore_index, z_loss_coef)
-        ce[start:stop] = ce_c
-        z[start:stop] = z_c
-        lse[start:stop] = lse_c
+    buf = _logits_buffer(hidden, weight, min(chunk_size, n_tokens))
+    for _chunk in _forward_chunks(
+        hidden, weight, kernel_labels(labels), ignore_index, z_loss_coef, chunk_size, backend, buf, ce, z, lse
+    ):
+        pass
     return ce, z, lse
 
 
@@ -167,12 +184,10 @@ def _(hidden, weight, labels, ignore_index, z_loss_coef, chunk_size, backend) ->
 def _grad_buffers(hidden: Tensor, weight: Tensor, rows: int, backend: str) -> tuple[Tensor, Tensor | None]:
     """The chunk logits buffer and, where the row backward can round the fp32
     logits' gradient straight to the matmul dtype (Triton), a buffer for it."""
-    vocab = weight.shape[0]
-    logits_dtype = _logits_dtype(hidden)
-    buf = torch.empty((rows, vocab), dtype=logits_dtype, device=hidden.device)
+    buf = _logits_buffer(hidden, weight, rows)
     grad_buf = None
-    if logits_dtype != weight.dtype and backend == "triton":
-        grad_buf = torch.empty((rows, vocab), dtype=weight.dtype, device=hidden.device)
+    if buf.dtype != weight.dtype and backend == "triton":
+        grad_buf = torch.empty(buf.shape, dtype=weight.dtype, device=hidden.device)
     return buf, grad_buf
 
 
@@ -289,16 +304,11 @@ def linear_cross_entropy_fused(
         weight.shape if grad_weight else (0,), dtype=reference.accumulation_dtype(weight.dtype), device=weight.device
     )
     buf, grad_buf = _grad_buffers(hidden, weight, min(chunk_size, n_tokens), backend)
-    for start in range(0, n_tokens, chunk_size):
-        stop = min(start + chunk_size, n_tokens)
-        hidden_c = hidden[start:stop]
-        logits = _chunk_logits(hidden_c, weight, buf[: stop - start])
-        ce_c, z_c, lse_c = _FWD[backend](logits, labels[start:stop], ignore_index, z_loss_coef)
-        ce[start:stop] = ce_c
-        z[start:stop] = z_c
-        lse[start:stop] = lse_c
+    for start, stop, logits in _forward_chunks(
+        hidden, weight, labels, ignore_index, z_loss_coef, chunk_size, backend, buf, ce, z, lse
+    ):
         _chunk_grads(
-            hidden_c, weight, logits, grad_buf, labels[start:stop], lse_c, per_token[start:stop],
+            hidden[start:stop], weight, logits, grad_buf, labels[start:stop], lse[start:stop], per_token[start:stop],
             per_token[start:stop], ignore_index, z_loss_coef, backend,
             dhidden[start:stop] if grad_hidden else None, dweight if grad_weight else None,
         )
@@ -377,13 +387,14 @@ def _fused_setup_context(ctx, inputs, output) -> None:
 
 def _fused_backward(ctx, grad_ce: Tensor | None, grad_z: Tensor | None, *_unused):
     hidden, weight, labels, lse, dhidden, dweight = ctx.saved_tensors
-    zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # For loss = ce + z autograd hands both terms the same tensor object.
     same_upstream = grad_ce is not None and grad_ce is grad_z
+    if grad_ce is None or grad_z is None:
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_ce = zero if grad_ce is None else grad_ce
+        grad_z = zero if grad_z is None else grad_z
     dh, dw = linear_cross_entropy_fused_bwd(
-        hidden, weight, labels, lse, dhidden, dweight,
-        zero if grad_ce is None else grad_ce, zero if grad_z is None else grad_z, *ctx.args, *ctx.grads,
-        same_upstream,
+        hidden, weight, labels, lse, dhidden, dweight, grad_ce, grad_z, *ctx.args, *ctx.grads, same_upstream,
     )
     grad_hidden, grad_weight = ctx.grads
     return (dh if grad_hidden else None, dw if grad_weight else None) + (None,) * 8
