@@ -6,6 +6,7 @@ unavailable.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -44,17 +45,42 @@ def num_warps_for(block: int) -> int:
     return 2
 
 
+# SMs assumed when a launch is sized for a tensor that is not on a CUDA device
+# (CPU tensors under the Triton interpreter, meta tensors in the compile check):
+# an H100 SXM's. The interpreter thus runs the partitions an H100 would.
+DEFAULT_SM_COUNT = 132
+_SM_COUNT_OVERRIDE: list[int] = []
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors that launches on ``device`` are sized for."""
+    if _SM_COUNT_OVERRIDE:
+        return _SM_COUNT_OVERRIDE[-1]
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+@contextlib.contextmanager
+def assume_sm_count(n: int):
+    """Size every launch inside the block for a GPU with ``n`` SMs (the AOT
+    compile check binds launches for H100, H200 and A100 this way)."""
+    if int(n) < 1:
+        raise ValueError(f"assume_sm_count: n must be >= 1, got {n}")
+    _SM_COUNT_OVERRIDE.append(int(n))
+    try:
+        yield
+    finally:
+        _SM_COUNT_OVERRIDE.pop()
+
+
 def reduction_programs(n_rows: int, device: torch.device) -> int:
     """How many programs share a row-parallel reduction (e.g. a weight gradient).
 
     Each writes one fp32 partial row; the partials are summed in a second pass,
-    so the count trades parallelism against that pass. A few waves of the SMs on
-    GPU; a handful under the interpreter.
+    so the count trades parallelism against that pass: four programs per SM.
     """
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(n_rows, 4 * sms))
-    return max(1, min(n_rows, 4))
+    return max(1, min(n_rows, 4 * sm_count(device)))
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
