@@ -18,21 +18,39 @@ except Exception:  # noqa: BLE001 - any import failure means "no triton backend"
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
-# One program per row keeps a whole row in registers up to this width.
-MAX_FUSED_WIDTH = 65536
+# Row kernels hold a whole row in registers up to these widths (power-of-two
+# blocks): the widest that compile without spills for sm_90 and sm_80 at the
+# warps below (ptxas -v, Triton 3.6 and 3.9: `python scripts/aot_check.py`).
+# The forward keeps x and w live; the backward also dy and the fp32 weight-
+# gradient accumulator, hence half the width. Wider rows take streaming paths
+# (rms_norm) or are refused with an error naming the limit (qk_norm_rope).
+RESIDENT_FWD_WIDTH = 16384
+RESIDENT_BWD_WIDTH = 8192
 
 
 def next_power_of_2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
-def row_block(op: str, name: str, width: int) -> int:
-    """The power-of-two block that holds a row of ``width`` elements."""
-    if width > MAX_FUSED_WIDTH:
+def row_block(op: str, name: str, width: int, limit: int = RESIDENT_FWD_WIDTH) -> int:
+    """The power-of-two block that holds a row of ``width`` elements in registers."""
+    if width > limit:
         raise ValueError(
-            f"{op}: the last dim of {name} is {width}; the fused row kernels support up to {MAX_FUSED_WIDTH}"
+            f"{op}: the last dim of {name} is {width}; the fused row kernel holds rows of at most {limit} "
+            "elements in registers (wider rows would spill)"
         )
     return next_power_of_2(width)
+
+
+def warps_for(block: int, per_thread: int) -> int:
+    """Warps (1..32, a power of two) that give each thread about ``per_thread``
+    elements of a ``block``-element tile.
+
+    Row kernels use 8 per thread forward and 4 backward (which keeps four row-
+    sized values live): the register counts that leave room for at least two
+    blocks per SM up to 4096 columns, and no spills up to the resident widths.
+    """
+    return max(1, min(32, next_power_of_2(max(block // (32 * per_thread), 1))))
 
 
 def num_warps_for(block: int) -> int:

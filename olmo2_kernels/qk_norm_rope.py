@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _compiled, _validate, reference
-from ._triton import MAX_FUSED_WIDTH, as_rows, next_power_of_2, num_warps_for, reduction_programs, row_block, tl, triton
+from ._triton import RESIDENT_BWD_WIDTH as MAX_FUSED_WIDTH, as_rows, next_power_of_2, num_warps_for, reduction_programs, row_block, tl, triton
 
 OP = "qk_norm_rope"
 

@@ -9,6 +9,12 @@ Forward saves the per-row ``rstd`` (fp32) for the backward. The backward
 computes ``dx`` row by row and the weight gradient as fp32 partial sums, one per
 program over a contiguous block of rows, summed in a second pass: no atomics,
 no bf16 accumulation.
+
+Tiling (sm_90, bf16, registers per thread from ptxas; `scripts/aot_check.py`):
+the forward gives each thread 8 elements of the row, the backward 4, up to 32
+warps. At 4096 columns (7B) the backward takes 32 warps and 32 registers (100%
+occupancy), where 8 warps took 128 (25%); at 5120 (13B/32B, an 8192 block) 32
+warps and 59 registers (50%), where 8 warps took 218 (one block per SM).
 """
 from __future__ import annotations
 
@@ -16,11 +22,27 @@ import torch
 from torch import Tensor, nn
 
 from . import _backend, _compiled, _validate, reference
-from ._triton import as_rows, num_warps_for, reduction_programs, row_block, tl, triton
+from ._triton import (
+    RESIDENT_BWD_WIDTH,
+    RESIDENT_FWD_WIDTH,
+    as_rows,
+    reduction_programs,
+    row_block,
+    tl,
+    triton,
+    warps_for,
+)
 
 OP = "rms_norm"
 
 # --------------------------------------------------------------------------- kernels
+# Rows up to RESIDENT_FWD_WIDTH (forward) / RESIDENT_BWD_WIDTH (backward)
+# columns are held in registers, one pass over memory. Wider rows stream
+# through blocks of STREAM_BLOCK columns: two passes per row (the second reads
+# the row again, mostly from L2), the weight-gradient partial accumulated in its
+# own fp32 row of the workspace instead of registers.
+STREAM_BLOCK = 4096
+
 if triton is not None:
 
     @triton.jit
@@ -39,6 +61,29 @@ if triton is not None:
         tl.store(RSTD + row, rstd)
 
     @triton.jit
+    def _rms_norm_fwd_stream_kernel(
+        X, W, Y, RSTD,
+        stride_x, stride_y, n_cols, eps,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = X + row * stride_x
+        y_row = Y + row * stride_y
+        cols = tl.arange(0, BLOCK)
+        sum_sq = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            sum_sq += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(sum_sq, axis=0) / n_cols + eps)
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_row + start + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
     def _rms_norm_bwd_kernel(
         DY, X, W, RSTD, DX, DW_PARTIAL,
         stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
@@ -47,23 +92,57 @@ if triton is not None:
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
         row_start = pid.to(tl.int64) * rows_per_program
-        for i in range(0, rows_per_program):
-            row = row_start + i
-            m = mask & (row < n_rows)
-            dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
-            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row, mask=row < n_rows, other=0.0)
+        row_stop = tl.minimum(row_start + rows_per_program, n_rows)
+        for row in range(row_start, row_stop):
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            # w is re-read per row (an L1 hit) rather than held across the loop: fewer live registers.
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
             xhat = x * rstd
             wdy = w * dy
             c = tl.sum(xhat * wdy, axis=0) / n_cols
             dx = (wdy - xhat * c) * rstd
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=m)
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
             dw_acc += dy * xhat
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
 
+    @triton.jit
+    def _rms_norm_bwd_stream_kernel(
+        DY, X, W, RSTD, DX, DW_PARTIAL,
+        stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
+        BLOCK: tl.constexpr,
+    ):
+        # DW_PARTIAL's row of this program is zero on entry and owned by it alone.
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        partial = DW_PARTIAL + pid.to(tl.int64) * n_cols
+        row_start = pid.to(tl.int64) * rows_per_program
+        row_stop = tl.minimum(row_start + rows_per_program, n_rows)
+        for row in range(row_start, row_stop):
+            dy_row = DY + row * stride_dy
+            x_row = X + row * stride_x
+            rstd = tl.load(RSTD + row)
+            dot = tl.zeros((BLOCK,), dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                mask = start + cols < n_cols
+                dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+                dot += x * w * dy
+            c = tl.sum(dot, axis=0) * rstd / n_cols
+            for start in range(0, n_cols, BLOCK):
+                mask = start + cols < n_cols
+                dy = tl.load(dy_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+                xhat = x * rstd
+                dx = (w * dy - xhat * c) * rstd
+                tl.store(DX + row * stride_dx + start + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                dw = tl.load(partial + start + cols, mask=mask, other=0.0)
+                tl.store(partial + start + cols, dw + dy * xhat, mask=mask)
 
     _backend.register_triton(OP)
 
@@ -75,10 +154,13 @@ def _fwd_triton(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0 or n_cols == 0:
         return y, rstd.fill_(eps**-0.5)
-    block = row_block(OP, "x", n_cols)
-    _rms_norm_fwd_kernel[(n_rows,)](
+    if n_cols <= RESIDENT_FWD_WIDTH:
+        kernel, block = _rms_norm_fwd_kernel, row_block(OP, "x", n_cols, RESIDENT_FWD_WIDTH)
+    else:
+        kernel, block = _rms_norm_fwd_stream_kernel, STREAM_BLOCK
+    kernel[(n_rows,)](
         x, weight, y, rstd, x.stride(0), y.stride(0), n_cols, eps,
-        BLOCK=block, num_warps=num_warps_for(block),
+        BLOCK=block, num_warps=warps_for(block, 8),
     )
     return y, rstd
 
@@ -88,15 +170,19 @@ def _bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Te
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows == 0 or n_cols == 0:
         return dx, torch.zeros_like(weight)
-    block = row_block(OP, "x", n_cols)
     programs = reduction_programs(n_rows, x.device)
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
-    partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    _rms_norm_bwd_kernel[(programs,)](
+    if n_cols <= RESIDENT_BWD_WIDTH:
+        kernel, block = _rms_norm_bwd_kernel, row_block(OP, "x", n_cols, RESIDENT_BWD_WIDTH)
+        partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    else:
+        kernel, block = _rms_norm_bwd_stream_kernel, STREAM_BLOCK
+        partial = torch.zeros((programs, n_cols), dtype=torch.float32, device=x.device)
+    kernel[(programs,)](
         dy, x, weight, rstd, dx, partial,
         dy.stride(0), x.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-        BLOCK=block, num_warps=num_warps_for(block),
+        BLOCK=block, num_warps=warps_for(block, 4),
     )
     return dx, partial.sum(0).to(weight.dtype)
 

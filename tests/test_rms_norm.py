@@ -1,4 +1,5 @@
 """rms_norm: forward and both gradients against the float64 spec, on every backend."""
+import importlib
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -7,6 +8,7 @@ from hypothesis import strategies as st
 import olmo2_kernels
 from olmo2_kernels import reference
 from tolerances import assert_close, f64_leaf
+from conftest import device_for, skip_reason
 
 OP = "rms_norm"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -132,3 +134,49 @@ def test_int64_offsets(gpu_backend):
         y = olmo2_kernels.rms_norm(x, w)
     tail = slice(rows - 3, rows)
     assert_close(y[tail], reference.rms_norm(x[tail].double(), w.double()), torch.bfloat16, name="tail rows")
+
+
+# --------------------------------------------------------------------------- the GPU's tilings
+# The interpreter runs the same constexprs, warps and partitions as an H100
+# (sm_count is 132 off CUDA); these tests pin them and check the paths that
+# only wide rows or many rows per program reach, on small inputs.
+rms_module = importlib.import_module("olmo2_kernels.rms_norm")  # the package exports the function under this name
+
+
+@pytest.mark.parametrize(
+    "width, fwd, bwd",
+    [
+        # width: (kernel, BLOCK, num_warps) forward, then backward
+        (2048, ("_rms_norm_fwd_kernel", 2048, 8), ("_rms_norm_bwd_kernel", 2048, 16)),  # 1B
+        (4096, ("_rms_norm_fwd_kernel", 4096, 16), ("_rms_norm_bwd_kernel", 4096, 32)),  # 7B
+        (5120, ("_rms_norm_fwd_kernel", 8192, 32), ("_rms_norm_bwd_kernel", 8192, 32)),  # 13B, 32B
+        (9000, ("_rms_norm_fwd_kernel", 16384, 32), ("_rms_norm_bwd_stream_kernel", 4096, 32)),
+        (20000, ("_rms_norm_fwd_stream_kernel", 4096, 16), ("_rms_norm_bwd_stream_kernel", 4096, 32)),
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_tiling(width, fwd, bwd, dtype):
+    """The launchers' production tilings, run under the interpreter against the spec."""
+    from launch_recorder import record_launches
+
+    if skip_reason("triton", OP):
+        pytest.skip(skip_reason("triton", OP))
+    device = device_for("triton")
+    x = torch.randn(3, width, device=device, dtype=dtype)
+    weight = torch.randn(width, device=device, dtype=dtype)
+    with olmo2_kernels.use_backend("triton"), record_launches(rms_module) as calls:
+        check(x, weight)
+    got = [(c["kernel"], c["BLOCK"], c["num_warps"]) for c in calls]
+    assert got == [fwd, bwd]
+
+
+@pytest.mark.parametrize("width", [200, 20000])
+def test_many_rows_per_program(width):
+    """Fewer SMs than rows: each backward program loops over several rows, the last one fewer."""
+    from olmo2_kernels._triton import assume_sm_count
+
+    if skip_reason("triton", OP):
+        pytest.skip(skip_reason("triton", OP))
+    device = device_for("triton")
+    with olmo2_kernels.use_backend("triton"), assume_sm_count(1):
+        check(torch.randn(10, width, device=device), torch.randn(width, device=device))
