@@ -29,7 +29,16 @@ import torch
 from torch import Tensor
 
 from . import _backend, _compiled, _validate, reference
-from ._triton import RESIDENT_BWD_WIDTH as MAX_FUSED_WIDTH, as_rows, next_power_of_2, num_warps_for, reduction_programs, row_block, tl, triton
+from ._triton import (
+    RESIDENT_BWD_WIDTH,
+    RESIDENT_FWD_WIDTH,
+    as_rows,
+    next_power_of_2,
+    reduction_programs,
+    tl,
+    triton,
+    warps_for,
+)
 
 OP = "qk_norm_rope"
 
@@ -60,109 +69,151 @@ def rope_cos_sin(
 
 
 # --------------------------------------------------------------------------- kernels
+# A row of H heads is held as two tiles of (heads, head_dim / 2) per half: the
+# first BLOCK_H heads (the largest power of two <= H) and the rest, padded to
+# BLOCK_H2 (0 when H is a power of two). 40 heads (13B, 32B) are 32 + 8 heads
+# with no padding, where one tile of 64 heads would mask 37.5% of its lanes.
 if triton is not None:
+
+    @triton.jit
+    def _heads(head0, n_heads, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """Offsets of the first halves of heads [head0, head0 + BLOCK_H) in a row, and their mask."""
+        head = head0 + tl.arange(0, BLOCK_H)[:, None]
+        j = tl.arange(0, BLOCK_HALF)[None, :]
+        lo = head * (2 * HALF) + j  # first half of every head; its partner is HALF further
+        return lo, (head < n_heads) & (j < HALF)
+
+    @triton.jit
+    def _rope_table(COS, SIN, position, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """cos and sin of both halves at ``position``, (1, BLOCK_HALF) each, fp32."""
+        j = tl.arange(0, BLOCK_HALF)[None, :]
+        table = position * (2 * HALF) + j
+        in_half = j < HALF
+        c1 = tl.load(COS + table, mask=in_half, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + table + HALF, mask=in_half, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + table, mask=in_half, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + table + HALF, mask=in_half, other=0.0).to(tl.float32)
+        return c1, c2, s1, s2
+
+    @triton.jit
+    def _norm_rope_store(Y_ROW, W, lo, mask, x1, x2, rstd, c1, c2, s1, s2, HALF: tl.constexpr):
+        w1 = tl.load(W + lo, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(W + lo + HALF, mask=mask, other=0.0).to(tl.float32)
+        n1 = x1 * rstd * w1
+        n2 = x2 * rstd * w2
+        # out = n * cos + rotate_half(n) * sin with rotate_half(n) = (-n2, n1)
+        tl.store(Y_ROW + lo, (n1 * c1 - n2 * s1).to(Y_ROW.dtype.element_ty), mask=mask)
+        tl.store(Y_ROW + lo + HALF, (n2 * c2 + n1 * s2).to(Y_ROW.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _norm_rope_fwd_kernel(
         X, W, COS, SIN, Y, RSTD,
         stride_x, stride_y, seq_len, n_heads, eps,
-        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         n_cols = n_heads * (2 * HALF)
-        head = tl.arange(0, BLOCK_H)[:, None]
-        j = tl.arange(0, BLOCK_HALF)[None, :]
-        in_half = j < HALF
-        mask = (head < n_heads) & in_half
-        lo = head * (2 * HALF) + j  # first half of every head; its partner is HALF further
-        hi = lo + HALF
-
-        x1 = tl.load(X + row * stride_x + lo, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(X + row * stride_x + hi, mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x1 * x1 + x2 * x2) / n_cols + eps)
-        w1 = tl.load(W + lo, mask=mask, other=0.0).to(tl.float32)
-        w2 = tl.load(W + hi, mask=mask, other=0.0).to(tl.float32)
-        n1 = x1 * rstd * w1
-        n2 = x2 * rstd * w2
-
-        table = (row % seq_len) * (2 * HALF) + j
-        c1 = tl.load(COS + table, mask=in_half, other=0.0).to(tl.float32)
-        c2 = tl.load(COS + table + HALF, mask=in_half, other=0.0).to(tl.float32)
-        s1 = tl.load(SIN + table, mask=in_half, other=0.0).to(tl.float32)
-        s2 = tl.load(SIN + table + HALF, mask=in_half, other=0.0).to(tl.float32)
-        # out = n * cos + rotate_half(n) * sin with rotate_half(n) = (-n2, n1)
-        y1 = n1 * c1 - n2 * s1
-        y2 = n2 * c2 + n1 * s2
-        tl.store(Y + row * stride_y + lo, y1.to(Y.dtype.element_ty), mask=mask)
-        tl.store(Y + row * stride_y + hi, y2.to(Y.dtype.element_ty), mask=mask)
+        x_row = X + row * stride_x
+        y_row = Y + row * stride_y
+        lo, mask = _heads(0, n_heads, HALF, BLOCK_H, BLOCK_HALF)
+        x1 = tl.load(x_row + lo, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + lo + HALF, mask=mask, other=0.0).to(tl.float32)
+        sum_sq = tl.sum(x1 * x1 + x2 * x2)
+        if BLOCK_H2 > 0:
+            lo_b, mask_b = _heads(BLOCK_H, n_heads, HALF, BLOCK_H2, BLOCK_HALF)
+            x1_b = tl.load(x_row + lo_b, mask=mask_b, other=0.0).to(tl.float32)
+            x2_b = tl.load(x_row + lo_b + HALF, mask=mask_b, other=0.0).to(tl.float32)
+            sum_sq += tl.sum(x1_b * x1_b + x2_b * x2_b)
+        rstd = 1.0 / tl.sqrt(sum_sq / n_cols + eps)
+        c1, c2, s1, s2 = _rope_table(COS, SIN, row % seq_len, HALF, BLOCK_HALF)
+        _norm_rope_store(y_row, W, lo, mask, x1, x2, rstd, c1, c2, s1, s2, HALF)
+        if BLOCK_H2 > 0:
+            _norm_rope_store(y_row, W, lo_b, mask_b, x1_b, x2_b, rstd, c1, c2, s1, s2, HALF)
         tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _norm_rope_bwd_load(DY_ROW, X_ROW, W, lo, mask, rstd, c1, c2, s1, s2, HALF: tl.constexpr):
+        """(xhat, g) of both halves of a tile: the normalized input and the gradient
+        w.r.t. it before the norm (the rotation transposed, times the weight)."""
+        dy1 = tl.load(DY_ROW + lo, mask=mask, other=0.0).to(tl.float32)
+        dy2 = tl.load(DY_ROW + lo + HALF, mask=mask, other=0.0).to(tl.float32)
+        # gradient w.r.t. the normalized value: the transpose of the rotation
+        dn1 = dy1 * c1 + dy2 * s2
+        dn2 = dy2 * c2 - dy1 * s1
+        xhat1 = tl.load(X_ROW + lo, mask=mask, other=0.0).to(tl.float32) * rstd
+        xhat2 = tl.load(X_ROW + lo + HALF, mask=mask, other=0.0).to(tl.float32) * rstd
+        # w is re-read per row (an L1 hit) rather than held across the row loop: fewer live registers.
+        w1 = tl.load(W + lo, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(W + lo + HALF, mask=mask, other=0.0).to(tl.float32)
+        return xhat1, xhat2, dn1, dn2, dn1 * w1, dn2 * w2
 
     @triton.jit
     def _norm_rope_bwd_kernel(
         DY, X, W, RSTD, COS, SIN, DX, DW_PARTIAL,
         stride_dy, stride_x, stride_dx, n_rows, seq_len, n_heads, rows_per_program,
-        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_H2: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_cols = n_heads * (2 * HALF)
-        head = tl.arange(0, BLOCK_H)[:, None]
-        j = tl.arange(0, BLOCK_HALF)[None, :]
-        in_half = j < HALF
-        mask = (head < n_heads) & in_half
-        lo = head * (2 * HALF) + j
-        hi = lo + HALF
-        w1 = tl.load(W + lo, mask=mask, other=0.0).to(tl.float32)
-        w2 = tl.load(W + hi, mask=mask, other=0.0).to(tl.float32)
+        lo, mask = _heads(0, n_heads, HALF, BLOCK_H, BLOCK_HALF)
         dw1 = tl.zeros((BLOCK_H, BLOCK_HALF), dtype=tl.float32)
         dw2 = tl.zeros((BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+        if BLOCK_H2 > 0:
+            lo_b, mask_b = _heads(BLOCK_H, n_heads, HALF, BLOCK_H2, BLOCK_HALF)
+            dw1_b = tl.zeros((BLOCK_H2, BLOCK_HALF), dtype=tl.float32)
+            dw2_b = tl.zeros((BLOCK_H2, BLOCK_HALF), dtype=tl.float32)
         row_start = pid.to(tl.int64) * rows_per_program
-        for i in range(0, rows_per_program):
-            row = row_start + i
-            valid = row < n_rows
-            m = mask & valid
-            # in bounds for rows past the end too: no row mask needed
-            table = (row % seq_len) * (2 * HALF) + j
-            c1 = tl.load(COS + table, mask=in_half, other=0.0).to(tl.float32)
-            c2 = tl.load(COS + table + HALF, mask=in_half, other=0.0).to(tl.float32)
-            s1 = tl.load(SIN + table, mask=in_half, other=0.0).to(tl.float32)
-            s2 = tl.load(SIN + table + HALF, mask=in_half, other=0.0).to(tl.float32)
-            dy1 = tl.load(DY + row * stride_dy + lo, mask=m, other=0.0).to(tl.float32)
-            dy2 = tl.load(DY + row * stride_dy + hi, mask=m, other=0.0).to(tl.float32)
-            # gradient w.r.t. the normalized value: the transpose of the rotation
-            dn1 = dy1 * c1 + dy2 * s2
-            dn2 = dy2 * c2 - dy1 * s1
-            x1 = tl.load(X + row * stride_x + lo, mask=m, other=0.0).to(tl.float32)
-            x2 = tl.load(X + row * stride_x + hi, mask=m, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row, mask=valid, other=0.0)
-            xhat1 = x1 * rstd
-            xhat2 = x2 * rstd
-            g1 = dn1 * w1
-            g2 = dn2 * w2
-            c = tl.sum(xhat1 * g1 + xhat2 * g2) / n_cols
-            dx1 = (g1 - xhat1 * c) * rstd
-            dx2 = (g2 - xhat2 * c) * rstd
-            tl.store(DX + row * stride_dx + lo, dx1.to(DX.dtype.element_ty), mask=m)
-            tl.store(DX + row * stride_dx + hi, dx2.to(DX.dtype.element_ty), mask=m)
+        row_stop = tl.minimum(row_start + rows_per_program, n_rows)
+        for row in range(row_start, row_stop):
+            dy_row = DY + row * stride_dy
+            x_row = X + row * stride_x
+            dx_row = DX + row * stride_dx
+            rstd = tl.load(RSTD + row)
+            c1, c2, s1, s2 = _rope_table(COS, SIN, row % seq_len, HALF, BLOCK_HALF)
+            xhat1, xhat2, dn1, dn2, g1, g2 = _norm_rope_bwd_load(
+                dy_row, x_row, W, lo, mask, rstd, c1, c2, s1, s2, HALF
+            )
+            dot = tl.sum(xhat1 * g1 + xhat2 * g2)
+            if BLOCK_H2 > 0:
+                xhat1_b, xhat2_b, dn1_b, dn2_b, g1_b, g2_b = _norm_rope_bwd_load(
+                    dy_row, x_row, W, lo_b, mask_b, rstd, c1, c2, s1, s2, HALF
+                )
+                dot += tl.sum(xhat1_b * g1_b + xhat2_b * g2_b)
+            c = dot / n_cols
+            tl.store(dx_row + lo, ((g1 - xhat1 * c) * rstd).to(DX.dtype.element_ty), mask=mask)
+            tl.store(dx_row + lo + HALF, ((g2 - xhat2 * c) * rstd).to(DX.dtype.element_ty), mask=mask)
             dw1 += dn1 * xhat1
             dw2 += dn2 * xhat2
+            if BLOCK_H2 > 0:
+                tl.store(dx_row + lo_b, ((g1_b - xhat1_b * c) * rstd).to(DX.dtype.element_ty), mask=mask_b)
+                tl.store(dx_row + lo_b + HALF, ((g2_b - xhat2_b * c) * rstd).to(DX.dtype.element_ty), mask=mask_b)
+                dw1_b += dn1_b * xhat1_b
+                dw2_b += dn2_b * xhat2_b
         partial = DW_PARTIAL + pid.to(tl.int64) * n_cols
         tl.store(partial + lo, dw1, mask=mask)
-        tl.store(partial + hi, dw2, mask=mask)
+        tl.store(partial + lo + HALF, dw2, mask=mask)
+        if BLOCK_H2 > 0:
+            tl.store(partial + lo_b, dw1_b, mask=mask_b)
+            tl.store(partial + lo_b + HALF, dw2_b, mask=mask_b)
 
     _backend.register_triton(OP)
 
 
 # --------------------------------------------------------------------------- launchers
-def _tile(width: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_HALF): the per-half tile of heads x head_dim/2 that holds a row."""
-    row_block(OP, "q or k", width)
-    block_h, block_half = next_power_of_2(width // head_dim), next_power_of_2(head_dim // 2)
-    if 2 * block_h * block_half > MAX_FUSED_WIDTH:
+def _tile(width: int, head_dim: int, limit: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_H2, BLOCK_HALF): the two per-half tiles of heads x
+    head_dim/2 that hold a row, and their total elements within ``limit``."""
+    n_heads = width // head_dim
+    block_half = next_power_of_2(head_dim // 2)
+    block_h = 1 << (n_heads.bit_length() - 1)  # the largest power of two <= n_heads
+    block_h2 = next_power_of_2(n_heads - block_h) if n_heads > block_h else 0
+    elements = 2 * (block_h + block_h2) * block_half
+    if elements > limit:
         raise ValueError(
-            f"{OP}: a row of {width // head_dim} heads of head_dim {head_dim} pads to "
-            f"{2 * block_h * block_half} elements; the fused row kernel supports up to {MAX_FUSED_WIDTH}"
+            f"{OP}: a row of {n_heads} heads of head_dim {head_dim} takes a {elements}-element tile; the "
+            f"fused kernel holds at most {limit} in registers (wider would spill): apply rms_norm and RoPE separately"
         )
-    return block_h, block_half
+    return block_h, block_h2, block_half
 
 
 def _fwd_triton(
@@ -173,12 +224,12 @@ def _fwd_triton(
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, rstd
-    block_h, block_half = _tile(n_cols, head_dim)
+    block_h, block_h2, block_half = _tile(n_cols, head_dim, RESIDENT_FWD_WIDTH)
     _norm_rope_fwd_kernel[(n_rows,)](
         x, weight, cos, sin, y, rstd,
         x.stride(0), y.stride(0), cos.shape[0], n_cols // head_dim, eps,
-        HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        num_warps=num_warps_for(2 * block_h * block_half),
+        HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_H2=block_h2, BLOCK_HALF=block_half,
+        num_warps=warps_for(2 * (block_h + block_h2) * block_half, 8),
     )
     return y, rstd
 
@@ -190,19 +241,16 @@ def _bwd_triton(
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
-    block_h, block_half = _tile(n_cols, head_dim)
+    block_h, block_h2, block_half = _tile(n_cols, head_dim, RESIDENT_BWD_WIDTH)
     programs = reduction_programs(n_rows, x.device)
     rows_per_program = triton.cdiv(n_rows, programs)
     programs = triton.cdiv(n_rows, rows_per_program)
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
-    # The backward keeps about twice as many row-sized values live as the
-    # forward (x, dy, the weight and the weight-gradient partial), hence the
-    # warps of a block twice as large.
     _norm_rope_bwd_kernel[(programs,)](
         dy, x, weight, rstd, cos, sin, dx, partial,
         dy.stride(0), x.stride(0), dx.stride(0), n_rows, cos.shape[0], n_cols // head_dim, rows_per_program,
-        HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        num_warps=num_warps_for(4 * block_h * block_half),
+        HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_H2=block_h2, BLOCK_HALF=block_half,
+        num_warps=warps_for(2 * (block_h + block_h2) * block_half, 4),
     )
     return dx, partial.sum(0).to(weight.dtype)
 

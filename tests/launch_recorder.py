@@ -26,12 +26,14 @@ class _Recorder:
 
 @contextlib.contextmanager
 def record_launches(module: types.ModuleType):
-    """Swap every ``@triton.jit`` kernel of ``module`` for a recording wrapper;
+    """Swap every launched ``@triton.jit`` kernel (``*_kernel``) of ``module`` for a recording wrapper;
     yields the list of launches (dicts: kernel, grid and the keyword args)."""
     calls: list[dict] = []
     # Under TRITON_INTERPRET=1, @triton.jit gives InterpretedFunction objects.
     jit = (triton.runtime.jit.JITFunction, triton.runtime.interpreter.InterpretedFunction)
-    kernels = {name: obj for name, obj in vars(module).items() if isinstance(obj, jit)}
+    # Launched kernels are named ``*_kernel``; other jit functions are device
+    # helpers that kernels call, which must stay as they are.
+    kernels = {name: obj for name, obj in vars(module).items() if isinstance(obj, jit) and name.endswith("_kernel")}
     try:
         for name, kernel in kernels.items():
             setattr(module, name, _Recorder(name, kernel, calls))

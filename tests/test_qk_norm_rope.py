@@ -1,5 +1,7 @@
 """qk_norm_rope: forward and every gradient against the float64 spec on every
 backend, parity with Hugging Face's OLMo 2 attention, and input checks."""
+import importlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -7,6 +9,7 @@ from hypothesis import strategies as st
 
 import olmo2_kernels
 from olmo2_kernels import reference, rope_cos_sin
+from conftest import device_for, skip_reason
 from tolerances import assert_close, f64_leaf
 
 OP = "qk_norm_rope"
@@ -291,3 +294,62 @@ def test_int64_offsets(gpu_backend):
     ref.backward(dq_out[tail].double())
     assert_close(q_out[tail], ref, torch.bfloat16, name="tail rows")
     assert_close(q.grad[tail], q64.grad, torch.bfloat16, name="tail rows dq")
+
+
+# --------------------------------------------------------------------------- the GPU's tilings
+qk_module = importlib.import_module("olmo2_kernels.qk_norm_rope")
+
+
+@pytest.mark.parametrize(
+    "n_q_heads, n_kv_heads, q_tiles",
+    [
+        (16, 16, (16, 0, 8, 16)),  # 1B: (BLOCK_H, BLOCK_H2, forward warps, backward warps)
+        (32, 32, (32, 0, 16, 32)),  # 7B
+        (40, 40, (32, 8, 32, 32)),  # 13B: 32 + 8 heads, no padding
+        (40, 8, (32, 8, 32, 32)),  # 32B (8 kv heads)
+    ],
+)
+def test_gpu_tiling(n_q_heads, n_kv_heads, q_tiles):
+    """The launchers' production tilings at OLMo 2 head counts (head_dim 128), run
+    under the interpreter on two tokens against the spec."""
+    from launch_recorder import record_launches
+
+    if skip_reason("triton", OP):
+        pytest.skip(skip_reason("triton", OP))
+    device = device_for("triton")
+    with olmo2_kernels.use_backend("triton"), record_launches(qk_module) as calls:
+        check(*make((1,), 2, 128, n_q_heads, n_kv_heads, device, torch.bfloat16, theta=500_000.0), 128)
+    fwd_q, fwd_k, bwd_q, bwd_k = calls
+    block_h, block_h2, fwd_warps, bwd_warps = q_tiles
+    for call, warps in ((fwd_q, fwd_warps), (bwd_q, bwd_warps)):
+        assert (call["BLOCK_H"], call["BLOCK_H2"], call["BLOCK_HALF"], call["num_warps"]) == (block_h, block_h2, 64, warps)
+    assert fwd_k["BLOCK_H"] + fwd_k["BLOCK_H2"] == n_kv_heads and bwd_k["BLOCK_H2"] == fwd_k["BLOCK_H2"]
+
+
+def test_rows_past_the_register_limit_are_refused():
+    """Rows whose tile would spill get an error naming the limit, in the direction that needs it."""
+    if skip_reason("triton", OP):
+        pytest.skip(skip_reason("triton", OP))
+    device = device_for("triton")
+    with olmo2_kernels.use_backend("triton"):
+        # 160 heads of 128: a 20480-element tile, past the forward's 16384
+        q, k, qw, kw, cos, sin = make((), 1, 128, 160, 1, device, torch.float32)
+        with pytest.raises(ValueError, match=r"qk_norm_rope: a row of 160 heads of head_dim 128 takes a 20480-element tile.*16384"):
+            olmo2_kernels.qk_norm_rope(q, k, qw, kw, cos, sin, 128)
+        # 96 heads: the forward holds them (12288), the backward (8192) does not
+        q, k, qw, kw, cos, sin = make((), 1, 128, 96, 1, device, torch.float32)
+        q.requires_grad_(True)
+        q_out, k_out = olmo2_kernels.qk_norm_rope(q, k, qw, kw, cos, sin, 128)
+        with pytest.raises(ValueError, match=r"takes a 12288-element tile.*at most 8192"):
+            q_out.sum().backward()
+
+
+def test_many_rows_per_program():
+    """Fewer SMs than rows: each backward program loops over several rows."""
+    from olmo2_kernels._triton import assume_sm_count
+
+    if skip_reason("triton", OP):
+        pytest.skip(skip_reason("triton", OP))
+    device = device_for("triton")
+    with olmo2_kernels.use_backend("triton"), assume_sm_count(1):
+        check(*make((2,), 5, 24, 5, 3, device, torch.float32), 24)
