@@ -1,4 +1,6 @@
 """swiglu: forward and both gradients against the float64 spec on every backend, and input checks."""
+import importlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -6,6 +8,7 @@ from hypothesis import strategies as st
 
 import olmo2_kernels
 from olmo2_kernels import reference
+from conftest import device_for, skip_reason
 from tolerances import assert_close, f64_leaf
 
 OP = "swiglu"
@@ -164,3 +167,30 @@ def test_int64_offsets(gpu_backend):
     assert_close(y[tail], y64, torch.bfloat16, name="tail rows")
     assert_close(gate.grad[tail], gate64.grad, torch.bfloat16, name="tail rows dgate")
     assert_close(up.grad[tail], up64.grad, torch.bfloat16, name="tail rows dup")
+
+
+# --------------------------------------------------------------------------- the GPU's tilings
+swiglu_module = importlib.import_module("olmo2_kernels.swiglu")
+
+
+@pytest.mark.parametrize(
+    "shape, tile",
+    [
+        ((2, 8192), (1, 4096, 8, 4)),  # OLMo 2 1B intermediate: (BLOCK_R, BLOCK_C, warps, programs)
+        ((3, 5003), (1, 4096, 8, 6)),
+        ((37, 200), (16, 256, 8, 3)),  # short rows share a program
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_tiling(shape, tile, dtype):
+    """The launchers' production tilings, recorded and run under the interpreter against the spec."""
+    from launch_recorder import record_launches
+
+    if skip_reason("triton", OP):
+        pytest.skip(skip_reason("triton", OP))
+    device = device_for("triton")
+    gate = torch.randn(shape, device=device, dtype=dtype)
+    up = torch.randn(shape, device=device, dtype=dtype)
+    with olmo2_kernels.use_backend("triton"), record_launches(swiglu_module) as calls:
+        check(gate, up)
+    assert [(c["BLOCK_R"], c["BLOCK_C"], c["num_warps"], c["grid"][0]) for c in calls] == [tile, tile]
