@@ -20,6 +20,7 @@ raises :class:`BackendUnavailableError`; nothing falls back silently.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from typing import Iterator
 
@@ -45,7 +46,10 @@ AUTO_PREFERENCE = {
 # at decoration time, so setting it later has no effect on this process.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_stack: list[str] = []
+# The backend that ``use_backend`` selected for the current thread or task
+# (None: the environment variable decides). A context variable, so threads and
+# asyncio tasks each see their own selection.
+_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("olmo2_kernels_backend", default=None)
 
 # Ops whose Triton kernels are defined, filled by the op modules at import.
 _TRITON_OPS: set[str] = set()
@@ -68,8 +72,9 @@ def _check_choice(name: str, source: str) -> str:
 
 def requested() -> str:
     """The backend currently requested (possibly ``auto``)."""
-    if _stack:
-        return _stack[-1]
+    selected = _selected.get()
+    if selected is not None:
+        return selected
     return _check_choice(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
 
 
@@ -80,11 +85,11 @@ def use_backend(name: str) -> Iterator[None]:
     >>> with olmo2_kernels.use_backend("triton"):
     ...     y = olmo2_kernels.rms_norm(x, w)
     """
-    _stack.append(_check_choice(name, "use_backend(name)"))
+    token = _selected.set(_check_choice(name, "use_backend(name)"))
     try:
         yield
     finally:
-        _stack.pop()
+        _selected.reset(token)
 
 
 _triton_import_error: str | None = None

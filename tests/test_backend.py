@@ -36,6 +36,42 @@ def test_use_backend_nests_and_restores():
     assert _backend.requested() == outer
 
 
+def test_use_backend_is_per_thread_and_per_task():
+    """A selection in one thread or asyncio task is not seen by another running meanwhile."""
+    import asyncio
+    import threading
+
+    outer = _backend.requested()
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def worker():
+        with olmo2_kernels.use_backend("torch"):
+            entered.set()
+            release.wait(10)
+            seen["worker"] = _backend.requested()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert entered.wait(10)
+    seen["main"] = _backend.requested()  # while the worker's block is open
+    release.set()
+    thread.join(10)
+    assert seen == {"worker": "torch", "main": outer}
+
+    async def task(name, started, other_started):
+        with olmo2_kernels.use_backend(name):
+            started.set()
+            await other_started.wait()
+            return _backend.requested()
+
+    async def both():
+        a, b = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(task("torch", a, b), task("cpu", b, a))
+
+    assert asyncio.run(both()) == ["torch", "cpu"]
+    assert _backend.requested() == outer
+
+
 def test_use_backend_rejects_unknown_name():
     with pytest.raises(ValueError, match=r"use_backend\(name\) must be one of"):
         with olmo2_kernels.use_backend("tpu"):
