@@ -17,12 +17,13 @@ norm_rope_fwd(x, weight, cos, sin, head_dim, eps) -> (y, rstd)
     RMSNorm over the whole row, then rotate_half RoPE on each head.
 norm_rope_bwd(dy, x, weight, rstd, cos, sin, head_dim) -> (dx, dweight)
 cross_entropy_fwd(logits, labels, ignore_index, z_loss_coef) -> (ce, z, lse)
-    logits (N, V); labels (N,) int64 contiguous; outputs (N,) fp32. ce and z are
-    0 at ignored rows; a label outside [0, V) that is not ignore_index gives NaN
-    ce (never an out-of-bounds read).
+    logits (N, V); labels (N,) int64 contiguous; outputs (N,) fp32. Each row
+    follows the row contract of :func:`olmo2_kernels.reference.cross_entropy`.
 cross_entropy_bwd(logits, labels, lse, grad_ce, grad_z, ignore_index, z_loss_coef, out=None) -> dlogits
     grad_ce/grad_z (N,) fp32 per-token upstream gradients; dlogits in logits'
-    dtype, written into ``out`` when given (``out`` may be ``logits`` itself).
+    dtype, or written into ``out`` when given: any float dtype (rounded once
+    from fp32), any row stride; ``out`` may be ``logits`` itself when dtype and
+    row stride are equal.
 swiglu_fwd(gate, up) -> y
 swiglu_bwd(dy, gate, up) -> (dgate, dup)
 
@@ -268,15 +269,15 @@ def cross_entropy_bwd(
     elif (
         out.dim() != 2
         or tuple(out.shape) != (rows, vocab)
-        or out.dtype != logits.dtype
         or out.device != logits.device
         or (vocab > 1 and out.stride(1) != 1)
         or (rows > 1 and out.stride(0) < vocab)
     ):
         raise ValueError(
-            f"cross_entropy: out must be a ({rows}, {vocab}) {logits.dtype} tensor on {logits.device} with unit "
-            f"column stride, got {tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}"
+            f"cross_entropy: out must be a ({rows}, {vocab}) tensor on {logits.device} with unit column "
+            f"stride, got {tuple(out.shape)} on {out.device} with strides {out.stride()}"
         )
+    out_code = _code("cross_entropy", "out", out)
     if rows == 0:
         return out
     labels = _labels(labels)
@@ -288,7 +289,8 @@ def cross_entropy_bwd(
         kernels.cross_entropy_bwd(
             logits.data_ptr(), logits.stride(0), labels.data_ptr(), lse.data_ptr(), grad_ce.data_ptr(),
             grad_ce.stride(0), grad_z.data_ptr(), grad_z.stride(0), out.data_ptr(), out.stride(0), rows, vocab,
-            int(ignore_index), float(z_loss_coef), _code("cross_entropy", "logits", logits), stream,
+            int(ignore_index), float(z_loss_coef), _code("cross_entropy", "logits", logits),
+            out_code, stream,
         )
     return out
 

@@ -17,7 +17,8 @@ Semantics shared by the kernels:
   ``z_loss_coef * lse^2``; ignored tokens contribute 0; ``mean`` divides by
   the number of non-ignored tokens (1 when there are none, so all-ignored
   batches give 0 and zero gradients, never NaN). Losses are fp32 (float64 for
-  float64 logits).
+  float64 logits). Its docstring's "Row contract" says what the row kernels
+  compute for each row, non-finite logits and out-of-range labels included.
 * ``linear_cross_entropy``: ``cross_entropy(hidden @ weight.T, ...)``.
 * ``swiglu``: ``silu(gate) * up``.
 """
@@ -101,6 +102,51 @@ def cross_entropy(
     z_loss_coef: float = 0.0,
     reduction: str = "mean",
 ) -> tuple[Tensor, Tensor]:
+    """Cross-entropy ``lse - logits[label]`` and z-loss ``z_loss_coef * lse^2`` per
+    token, reduced by ``reduction`` (:func:`reduce_token_losses`).
+
+    Row contract
+    ------------
+    What every row kernel (Triton, CPU, CUDA) computes for one row of logits
+    (N, V) (float32, bfloat16 or float16, unit column stride, any row stride),
+    its int64 label, ``ignore_index`` and ``z_coef >= 0``. All math is fp32;
+    every output is rounded once.
+
+    Forward, per row:
+
+    * ``lse = log(sum(exp(x)))`` in fp32 through an online max: NaN if any logit
+      is NaN; +inf if any logit is +inf (and none is NaN); -inf if every logit
+      is -inf. Written for every row, ignored ones included.
+    * ``label == ignore_index``: ``ce = 0`` and ``z = 0``.
+    * label outside [0, V) (and not ``ignore_index``): ``ce = NaN`` (the logit is
+      never read); ``z`` as for a valid row.
+    * otherwise ``ce = lse - x[label]``; ``z = z_coef * lse^2`` when
+      ``z_coef != 0``, and exactly 0 when ``z_coef == 0`` (even when lse is
+      +-inf or NaN).
+
+    Backward, per row, from the saved ``lse`` and fp32 per-token upstream
+    gradients ``g_ce``, ``g_z``:
+
+    * ignored row: zeros.
+    * label outside [0, V): a row of NaN (its ce is NaN; the trainer stops on
+      non-finite values).
+    * otherwise, with ``t_j = x_j - lse``, ``p_j = exp(t_j)`` and
+      ``z_scale = 2 * z_coef * lse * g_z`` when ``z_coef != 0``, exactly 0 when
+      ``z_coef == 0``: ``d_j = (g_ce + z_scale) * p_j`` for ``j != label`` and
+      ``d_label = g_ce * expm1(t_label) + z_scale * p_label`` (expm1, not
+      ``p - 1``: no cancellation when p is close to 1).
+    * ``out``: (N, V), unit column stride, any row stride and any float dtype
+      (fp32, bf16, fp16), independent of the logits' dtype (the fused linear
+      cross-entropy writes bf16 gradients from fp32 logits this way). ``out``
+      may be the logits buffer itself when dtype and row stride are equal
+      (each element is read before it is written).
+
+    This function is the spec for finite logits with labels in range or
+    ignored; it does not implement the other clauses (an out-of-range label
+    fails in ``gather``; ``z_coef = 0`` with an infinite lse gives
+    ``0 * inf = NaN``). tests/test_ce_contract.py checks each clause on every
+    backend, and says which ones the ``torch`` backend skips.
+    """
     acc = accumulation_dtype(logits.dtype)
     x = logits.to(acc)
     lse = torch.logsumexp(x, dim=-1)

@@ -9,7 +9,6 @@ where an op module does not dispatch to them. Every launcher test runs on
 ``cpu``, on ``cuda-emulated`` (the CUDA kernels compiled for the host, see
 below) and, on a GPU machine, on ``cuda``.
 """
-import ctypes
 import math
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cuda_emulation
 import olmo2_kernels
 from olmo2_kernels import _compiled, _extension, reference
 from tolerances import assert_close, f64_leaf
@@ -34,76 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- CUDA kernels on CPU
-# Without a GPU, the CUDA kernels still run here: csrc/cuda/*.cu compile as C++
-# against csrc/cuda/emulation.h (block threads as cooperative contexts, real
-# barriers and shuffles) and the launcher tests below call them through the same
-# _compiled plumbing (pointers, strides, alignment choices) as on a GPU.
-# Not covered by emulation: device math precision, concurrency, timing.
-_EMULATION_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) + [ROOT / "csrc" / "cuda" / "emulation.cpp"]
-
-
-def _cuda_include_dir() -> Path | None:
-    candidates = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(Path(os.path.realpath(nvcc)).parents[1] / "include")
-    candidates += [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include", Path("/usr/local/cuda/include")]
-    for path in candidates:
-        if (path / "cuda_bf16.h").exists():
-            return path
-    return None
-
-
-# (name, kind) per field of each parameter struct in csrc/common/params.h, in
-# order; the `_C` functions take the same arguments in the same order.
-_P, _I, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-_PARAMS = {
-    "rms_norm_fwd": [_P, _I, _P, _P, _I, _P, _I, _I, _F, _D, _D],
-    "rms_norm_bwd": [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _D, _D],
-    "norm_rope_fwd": [_P, _I, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _F, _D, _D],
-    "norm_rope_bwd": [_P, _I, _P, _I, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _D, _D],
-    "cross_entropy_fwd": [_P, _I, _P, _P, _P, _P, _I, _I, _I, _F, _D],
-    "cross_entropy_bwd": [_P, _I, _P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _D],
-    "swiglu_fwd": [_P, _I, _P, _I, _P, _I, _I, _I, _D],
-    "swiglu_bwd": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _D],
-}
-
-
-class EmulatedCudaKernels:
-    """Stands in for ``_C.cuda``: same functions, run by the emulation library."""
-
-    def __init__(self, lib: ctypes.CDLL):
-        self._lib = lib
-        lib.olmo2_emu_last_error.restype = ctypes.c_char_p
-        for name, kinds in _PARAMS.items():
-            struct = type(name, (ctypes.Structure,), {"_fields_": [(f"f{i}", k) for i, k in enumerate(kinds)]})
-            setattr(self, name, self._make(name, struct, len(kinds)))
-
-    def _make(self, name, struct, n_fields):
-        fn = getattr(self._lib, f"olmo2_emu_{name}")
-
-        def call(*args):
-            assert len(args) == n_fields + 1, f"{name}: {len(args)} arguments"  # + stream
-            if fn(ctypes.byref(struct(*args[:n_fields]))):
-                raise RuntimeError(self._lib.olmo2_emu_last_error().decode())
-
-        return call
-
-
+# Without a GPU, the CUDA kernels still run here (tests/cuda_emulation.py): the
+# launcher tests below call them through the same _compiled plumbing (pointers,
+# strides, alignment choices) as on a GPU.
 @pytest.fixture(scope="session")
 def emulated_cuda(tmp_path_factory):
-    include = _cuda_include_dir()
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if include is None or cxx is None:
-        pytest.skip("CUDA emulation needs a C++20 compiler and the CUDA headers (cuda_bf16.h)")
-    lib_path = tmp_path_factory.mktemp("cuda_emulation") / "libolmo2_cuda_emulation.so"
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-DOLMO2_CUDA_EMULATION", "-Wno-attributes",
-           f"-I{ROOT / 'csrc'}", f"-I{include}", "-x", "c++"]
-    cmd += [str(p) for p in _EMULATION_SOURCES if p.suffix == ".cu"]
-    cmd += ["-x", "none", str(ROOT / "csrc" / "cuda" / "emulation.cpp"), "-o", str(lib_path)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, f"emulation build failed:\n{result.stderr[-4000:]}"
-    return EmulatedCudaKernels(ctypes.CDLL(str(lib_path)))
+    reason = cuda_emulation.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    return cuda_emulation.kernels(tmp_path_factory.mktemp("cuda_emulation"))
 
 
 # The CPU kernels run the best instruction set the processor has (cpu/isa.h);
@@ -306,7 +245,21 @@ class TestBindingsRejectBadArguments:
         labels = torch.zeros(4, dtype=torch.int64)
         with pytest.raises(ValueError, match="out aliases logits with a different row stride"):
             C.cpu.cross_entropy_bwd(self.x.data_ptr(), 8, labels.data_ptr(), t.data_ptr(), t.data_ptr(), 1,
-                                    t.data_ptr(), 1, self.x.data_ptr(), 16, 4, 8, -100, 0.0, 0)
+                                    t.data_ptr(), 1, self.x.data_ptr(), 16, 4, 8, -100, 0.0, 0, 0)
+
+    def test_cross_entropy_bwd_alias_with_other_dtype(self):
+        t = torch.zeros(4)
+        labels = torch.zeros(4, dtype=torch.int64)
+        with pytest.raises(ValueError, match="out aliases logits with a different dtype"):
+            C.cpu.cross_entropy_bwd(self.x.data_ptr(), 8, labels.data_ptr(), t.data_ptr(), t.data_ptr(), 1,
+                                    t.data_ptr(), 1, self.x.data_ptr(), 8, 4, 8, -100, 0.0, 0, 1)
+
+    def test_cross_entropy_bwd_bad_out_dtype(self):
+        t = torch.zeros(4)
+        labels = torch.zeros(4, dtype=torch.int64)
+        with pytest.raises(ValueError, match="cross_entropy_bwd: out dtype must be a dtype code"):
+            C.cpu.cross_entropy_bwd(self.x.data_ptr(), 8, labels.data_ptr(), t.data_ptr(), t.data_ptr(), 1,
+                                    t.data_ptr(), 1, self.y.data_ptr(), 8, 4, 8, -100, 0.0, 0, 3)
 
     def test_swiglu_bad_dtype(self):
         with pytest.raises(ValueError, match="swiglu_fwd: dtype must be a dtype code"):

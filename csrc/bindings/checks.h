@@ -132,6 +132,7 @@ inline void check(const CrossEntropyFwdParams& p) {
 inline void check(const CrossEntropyBwdParams& p) {
   const char* op = "cross_entropy_bwd";
   check_dtype(op, "logits dtype", p.dtype);
+  check_dtype(op, "out dtype", p.out_dtype);
   check_size(op, "rows", p.rows);
   check_size(op, "vocab", p.vocab);
   check_matrix(op, "logits", p.logits, p.logits_stride, p.rows, p.vocab);
@@ -144,6 +145,9 @@ inline void check(const CrossEntropyBwdParams& p) {
   check_size(op, "grad_z stride", p.grad_z_stride);
   if (p.out == p.logits && p.out_stride != p.logits_stride)
     fail(op, "out aliases logits with a different row stride");
+  if (p.out == p.logits && p.out_dtype != p.dtype)
+    fail(op, "out aliases logits with a different dtype (code " + std::to_string(p.out_dtype) + " vs " +
+                 std::to_string(p.dtype) + ")");
 }
 
 inline void check(const SwigluFwdParams& p) {

@@ -108,17 +108,19 @@ void register_ops(py::module_& m) {
       "cross_entropy_bwd",
       [](u logits, i64 logits_stride, u labels, u lse, u grad_ce, i64 grad_ce_stride, u grad_z,
          i64 grad_z_stride, u out, i64 out_stride, i64 rows, i64 vocab, i64 ignore_index, double z_coef,
-         int dtype, u stream) {
+         int dtype, int out_dtype, u stream) {
         CrossEntropyBwdParams p{ptr<const void>(logits), logits_stride, ptr<const int64_t>(labels),
                                 ptr<const float>(lse), ptr<const float>(grad_ce), grad_ce_stride,
                                 ptr<const float>(grad_z), grad_z_stride, ptr<void>(out), out_stride, rows, vocab,
-                                ignore_index, static_cast<float>(z_coef), dtype};
+                                ignore_index, static_cast<float>(z_coef), dtype, out_dtype};
         run(p, stream, Backend::cross_entropy_bwd);
       },
       py::arg("logits"), py::arg("logits_stride"), py::arg("labels"), py::arg("lse"), py::arg("grad_ce"),
       py::arg("grad_ce_stride"), py::arg("grad_z"), py::arg("grad_z_stride"), py::arg("out"),
       py::arg("out_stride"), py::arg("rows"), py::arg("vocab"), py::arg("ignore_index"), py::arg("z_coef"),
-      py::arg("dtype"), py::arg("stream") = 0, "Gradient of the logits (out may be the logits buffer)");
+      py::arg("dtype"), py::arg("out_dtype"), py::arg("stream") = 0,
+      "Gradient of the logits into out of any float dtype (out may be the logits buffer when dtype and "
+      "stride match)");
 
   m.def(
       "swiglu_fwd",

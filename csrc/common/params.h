@@ -76,9 +76,10 @@ struct NormRopeBwdParams {
   int x_dtype, w_dtype;
 };
 
-// Per row: lse = logsumexp(logits), ce = lse - logits[label], z = z_coef * lse^2.
-// ce = z = 0 where label == ignore_index; ce = NaN where the label is outside
-// [0, vocab) (never read). lse is written for every row.
+// Cross-entropy rows: what each row's ce, z, lse and gradient are (ignored
+// rows, out-of-range labels, infinite and NaN logits, z_coef = 0) is the "Row
+// contract" of cross_entropy in olmo2_kernels/reference.py, which the CPU,
+// CUDA and Triton kernels all follow.
 struct CrossEntropyFwdParams {
   const void* logits;
   int64_t logits_stride;
@@ -92,10 +93,9 @@ struct CrossEntropyFwdParams {
   int dtype;
 };
 
-// dlogits = (g_ce + 2 z_coef lse g_z) softmax - g_ce onehot(label), computed in
-// fp32 and rounded once; zero rows where ignored, NaN rows where the label is
-// out of range. `out` may equal `logits` (same stride): each element is read
-// before it is written. grad strides may be 0 (a broadcast scalar).
+// The logits' gradient under the same contract. `out` has its own dtype (each
+// element rounded once from fp32) and may be `logits` itself when dtype and
+// row stride are equal. grad strides may be 0 (a broadcast scalar).
 struct CrossEntropyBwdParams {
   const void* logits;
   int64_t logits_stride;
@@ -110,7 +110,8 @@ struct CrossEntropyBwdParams {
   int64_t rows, vocab;
   int64_t ignore_index;
   float z_coef;
-  int dtype;
+  int dtype;      // of logits
+  int out_dtype;  // of out: any float dtype, independent of the logits'
 };
 
 // y = silu(gate) * up.

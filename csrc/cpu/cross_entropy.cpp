@@ -1,9 +1,11 @@
-// Cross-entropy with z-loss and ignore_index on CPU, one row per iteration.
+// Cross-entropy with z-loss and ignore_index on CPU, one row per iteration,
+// following the row contract of cross_entropy in olmo2_kernels/reference.py.
 //
 // Forward: an online log-sum-exp over chunks that stay in L1 (the chunk's max,
 // then one exp per element), so each row is read from memory once. Backward:
-// softmax from the saved lse in fp32, one rounding per element; the target
-// entry uses expm1 so that p - 1 keeps its precision when p is close to 1.
+// softmax from the saved lse in fp32, one rounding per element, to out's dtype
+// (any of the three, whatever the logits'); the target entry uses expm1 so that
+// p - 1 keeps its precision when p is close to 1.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -84,24 +86,25 @@ void ce_fwd(const CrossEntropyFwdParams& p) {
 }
 
 // out[j] = scale * exp(x[j] - lse) for j in [begin, end).
-template <typename T>
-inline void softmax_grad(const T* x, float lse, float scale, int64_t begin, int64_t end, T* out) {
+template <typename T, typename O>
+inline void softmax_grad(const T* x, float lse, float scale, int64_t begin, int64_t end, O* out) {
 #pragma omp simd
-  for (int64_t j = begin; j < end; ++j) out[j] = from_float<T>(scale * exp_f32(to_float(x[j]) - lse));
+  for (int64_t j = begin; j < end; ++j) out[j] = from_float<O>(scale * exp_f32(to_float(x[j]) - lse));
 }
 
-template <typename T>
+// T: the logits' storage type, O: out's.
+template <typename T, typename O>
 void ce_bwd(const CrossEntropyBwdParams& p) {
   const T* logits = static_cast<const T*>(p.logits);
-  T* out = static_cast<T*>(p.out);
+  O* out = static_cast<O*>(p.out);
   const int64_t vocab = p.vocab;
   parallel_ranges(p.rows, threads_for(p.rows, vocab), [&](int64_t r0, int64_t r1, int) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = logits + r * p.logits_stride;
-      T* outr = out + r * p.out_stride;
+      O* outr = out + r * p.out_stride;
       const int64_t label = p.labels[r];
       if (label == p.ignore_index || label < 0 || label >= vocab) {
-        const T fill = from_float<T>(label == p.ignore_index ? 0.0f : kNaN);
+        const O fill = from_float<O>(label == p.ignore_index ? 0.0f : kNaN);
         for (int64_t j = 0; j < vocab; ++j) outr[j] = fill;
         continue;
       }
@@ -115,7 +118,7 @@ void ce_bwd(const CrossEntropyBwdParams& p) {
       const float shifted_target = to_float(xr[label]) - lse;
       const float target = g_ce * std::expm1(shifted_target) + z_scale * std::exp(shifted_target);
       softmax_grad(xr, lse, scale, 0, label, outr);
-      outr[label] = from_float<T>(target);
+      outr[label] = from_float<O>(target);
       softmax_grad(xr, lse, scale, label + 1, vocab, outr);
     }
   });
@@ -128,7 +131,9 @@ void cross_entropy_fwd(const CrossEntropyFwdParams& p) {
 }
 
 void cross_entropy_bwd(const CrossEntropyBwdParams& p) {
-  dispatch_dtype(p.dtype, "cross_entropy_bwd: logits", [&](auto t) { ce_bwd<decltype(t)>(p); });
+  dispatch_dtype(p.dtype, "cross_entropy_bwd: logits", [&](auto t) {
+    dispatch_dtype(p.out_dtype, "cross_entropy_bwd: out", [&](auto o) { ce_bwd<decltype(t), decltype(o)>(p); });
+  });
 }
 
 }  // namespace olmo2::cpu::OLMO2_CPU_ISA

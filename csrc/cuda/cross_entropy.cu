@@ -1,9 +1,11 @@
-// Cross-entropy with z-loss and ignore_index on CUDA: one block per row
+// Cross-entropy with z-loss and ignore_index on CUDA, following the row
+// contract of cross_entropy in olmo2_kernels/reference.py: one block per row
 // (grid-stride over rows); logits are read in their dtype and never upcast
 // whole. Forward: each thread keeps an online (max, sum of exp) over its packs,
 // merged across the block with shuffles. Backward: softmax from the saved lse in
-// fp32, one rounding per element; the target entry uses expm1 so that p - 1
-// keeps its precision when p is close to 1.
+// fp32, one rounding per element, to out's dtype (any of the three, whatever
+// the logits'); the target entry uses expm1 so that p - 1 keeps its precision
+// when p is close to 1.
 #include <cmath>
 
 #include "common/params.h"
@@ -92,20 +94,21 @@ __global__ void __launch_bounds__(kThreads) ce_fwd_kernel(CrossEntropyFwdParams 
   }
 }
 
-template <typename T, int VEC>
+// T: the logits' storage type, O: out's. A pack is VEC elements of each.
+template <typename T, typename O, int VEC>
 __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(CrossEntropyBwdParams p) {
   const T* logits = static_cast<const T*>(p.logits);
-  T* out = static_cast<T*>(p.out);
+  O* out = static_cast<O*>(p.out);
   const int packs = static_cast<int>(p.vocab) / VEC;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const T* xr = logits + row * p.logits_stride;
-    T* outr = out + row * p.out_stride;
+    O* outr = out + row * p.out_stride;
     const int64_t label = p.labels[row];
     if (label == p.ignore_index || label < 0 || label >= p.vocab) {
       float fill[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) fill[k] = label == p.ignore_index ? 0.0f : NAN;
-      for (int i = threadIdx.x; i < packs; i += blockDim.x) store_pack<T, VEC>(outr + i * VEC, fill);
+      for (int i = threadIdx.x; i < packs; i += blockDim.x) store_pack<O, VEC>(outr + i * VEC, fill);
       continue;
     }
     const float lse = p.lse[row];
@@ -126,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) ce_bwd_kernel(CrossEntropyBwdParams 
         const float prob = exp2f(shifted * kLog2e);
         g[k] = i * VEC + k == target ? g_ce * expm1f(shifted) + z_scale * prob : scale * prob;
       }
-      store_pack<T, VEC>(outr + i * VEC, g);
+      store_pack<O, VEC>(outr + i * VEC, g);
     }
   }
 }
@@ -158,17 +161,21 @@ void cross_entropy_bwd(const CrossEntropyBwdParams& p, void* stream_ptr) {
   if (p.rows == 0) return;
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   dispatch_dtype(p.dtype, op, [&](auto t) {
-    using T = decltype(t);
-    constexpr int V = kVec<T>;
-    const bool vec = packable(p.logits, p.logits_stride, p.rows, p.vocab, V, sizeof(T)) &&
-                     packable(p.out, p.out_stride, p.rows, p.vocab, V, sizeof(T));
-    const int threads = block_threads(vec ? p.vocab / V : p.vocab, 4, kThreads);
-    if (vec) {
-      OLMO2_LAUNCH((ce_bwd_kernel<T, V>), grid_for(p.rows), threads, stream)(p);
-    } else {
-      OLMO2_LAUNCH((ce_bwd_kernel<T, 1>), grid_for(p.rows), threads, stream)(p);
-    }
-    check_launch(op);
+    dispatch_dtype(p.out_dtype, op, [&](auto o) {
+      using T = decltype(t);
+      using O = decltype(o);
+      // Packs of 16 bytes of the wider type (8 of the narrower when the dtypes differ).
+      constexpr int V = kVec<T> < kVec<O> ? kVec<T> : kVec<O>;
+      const bool vec = packable(p.logits, p.logits_stride, p.rows, p.vocab, V, sizeof(T)) &&
+                       packable(p.out, p.out_stride, p.rows, p.vocab, V, sizeof(O));
+      const int threads = block_threads(vec ? p.vocab / V : p.vocab, 4, kThreads);
+      if (vec) {
+        OLMO2_LAUNCH((ce_bwd_kernel<T, O, V>), grid_for(p.rows), threads, stream)(p);
+      } else {
+        OLMO2_LAUNCH((ce_bwd_kernel<T, O, 1>), grid_for(p.rows), threads, stream)(p);
+      }
+      check_launch(op);
+    });
   });
 }
 
