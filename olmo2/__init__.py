@@ -1,11 +1,20 @@
 """olmo2: the OLMo 2 model, trainer and tools, on olmo2_kernels.
 
 The model half: :class:`Olmo2Config` (presets, Hugging Face ``config.json``),
-:class:`Olmo2ForCausalLM` (Hugging Face parameter names, fused kernels,
-``from_pretrained``/``save_pretrained``, ``generate``), and the counts used for
-MFU, :func:`num_parameters` and :func:`flops_per_token`.
+:class:`Olmo2ForCausalLM` (Hugging Face parameter names, fused kernels), the
+counts used for MFU (:func:`num_parameters`, :func:`flops_per_token`), and
+the functions around the model: :func:`load_pretrained` /
+:func:`save_pretrained` (Hugging Face folders, :mod:`olmo2.checkpoint_hf`) and
+:func:`generate` (KV-cache generation, :mod:`olmo2.generation`).
+
+Layers import one way: ``config`` <- ``model`` <- ``checkpoint_hf``,
+``generation`` <- ``train`` (the trainer sub-package), ``soup``,
+``tokenize`` <- ``cli`` (the commands). The model never imports I/O or
+generation; nothing here imports the trainer.
 """
+from .checkpoint_hf import load_pretrained, save_pretrained
 from .config import PRESETS, Olmo2Config, flops_per_token, num_parameters
+from .generation import generate
 from .model import KVCache, Olmo2ForCausalLM, Olmo2Output
 
 __all__ = [
@@ -15,5 +24,8 @@ __all__ = [
     "Olmo2ForCausalLM",
     "Olmo2Output",
     "flops_per_token",
+    "generate",
+    "load_pretrained",
     "num_parameters",
+    "save_pretrained",
 ]

@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import olmo2_kernels
-from olmo2_kernels import RMSNorm, _validate
+from olmo2_kernels import RMSNorm, checks
 
 from .config import ATTN_BACKENDS, Olmo2Config
 
@@ -75,7 +73,7 @@ class KVCache:
 
     Stored as (B, n_kv_heads, capacity, head_dim) per layer and grown by
     doubling when a step goes past ``capacity``; give the final length as
-    ``capacity`` (as :func:`olmo2.generate.generate` does) to allocate once.
+    ``capacity`` (as :func:`olmo2.generation.generate` does) to allocate once.
     For inference: the buffers are written in place.
     """
 
@@ -376,25 +374,6 @@ class Olmo2ForCausalLM(nn.Module):
         model.init_weights(generator)
         return model
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        attn_backend: str | None = None,
-    ) -> "Olmo2ForCausalLM":
-        """Load a Hugging Face OLMo 2 checkpoint folder (see :mod:`olmo2.checkpoint_hf`)."""
-        from .checkpoint_hf import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, attn_backend=attn_backend)
-
-    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB") -> None:
-        """Write a Hugging Face OLMo 2 checkpoint folder (see :mod:`olmo2.checkpoint_hf`)."""
-        from .checkpoint_hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
-
     def set_attn_backend(self, name: str) -> None:
         """Switch every layer to attention backend ``name`` (and record it in the config)."""
         _check_attn_backend(name)
@@ -465,12 +444,6 @@ class Olmo2ForCausalLM(nn.Module):
             past_key_values=cache,
         )
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int, **kwargs: Any) -> Tensor:
-        """Prompt plus continuation; see :func:`olmo2.generate.generate`."""
-        from .generate import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
-
 
 # --------------------------------------------------------------------------- input checks
 
@@ -482,7 +455,7 @@ def _check_input_ids(input_ids: object, vocab_size: int) -> None:
         raise TypeError(f"{op}: input_ids must be int64 or int32, got {input_ids.dtype}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"{op}: input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
-    if _validate.range_checks_enabled(input_ids) and input_ids.numel():
+    if checks.range_checks_enabled(input_ids) and input_ids.numel():
         bad = (input_ids < 0) | (input_ids >= vocab_size)
         if bool(bad.any()):
             b, t = (int(i) for i in bad.nonzero()[0])
@@ -504,7 +477,7 @@ def _check_labels(labels: object, input_ids: Tensor, vocab_size: int) -> None:
         )
     if labels.device != input_ids.device:
         raise ValueError(f"{op}: labels is on {labels.device} but input_ids is on {input_ids.device}")
-    if _validate.range_checks_enabled(labels) and labels.numel():
+    if checks.range_checks_enabled(labels) and labels.numel():
         bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
         if bool(bad.any()):
             b, t = (int(i) for i in bad.nonzero()[0])

@@ -1,6 +1,5 @@
-"""``olmo2-soup``: average the weights of several checkpoints (model souping).
-
-    olmo2-soup runs/anneal-a runs/anneal-b runs/anneal-c --out runs/soup
+"""Model souping: average the weights of several checkpoints (the command is
+:mod:`olmo2.cli.soup`: ``olmo2-soup runs/anneal-a runs/anneal-b --out runs/soup``).
 
 OLMo 2's final models are the plain mean of the weights of several stage-2
 (annealing) runs. Each input is a trainer checkpoint (a ``stepXXXXXXXX``
@@ -13,14 +12,16 @@ folder that is then renamed to ``--out``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .checkpoint_hf import load_pretrained, save_pretrained
+from .model import Olmo2ForCausalLM
+from .train.checkpoint import load_model_from_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,13 +32,10 @@ def _is_hf(path: Path) -> bool:
 
 def load_weights(path: str | os.PathLike):
     """``(config, state_dict)`` of a trainer or Hugging Face checkpoint, on CPU."""
-    from .checkpoint import load_model_from_checkpoint
-    from .model import Olmo2ForCausalLM
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"olmo2-soup: checkpoint {p} does not exist")
-    model = Olmo2ForCausalLM.from_pretrained(str(p)) if _is_hf(p) else load_model_from_checkpoint(p)
+    model = load_pretrained(p) if _is_hf(p) else load_model_from_checkpoint(p)
     return model.config, {k: v.detach() for k, v in model.state_dict().items()}
 
 
@@ -50,8 +48,6 @@ def _architecture(config) -> dict:
 def soup(paths: Sequence[str | os.PathLike], out: str | os.PathLike, dtype: torch.dtype | None = None,
          tokenizer: str | os.PathLike | None = None) -> Path:
     """Average the checkpoints ``paths`` into a Hugging Face checkpoint at ``out``."""
-    from .model import Olmo2ForCausalLM
-
     if len(paths) < 1:
         raise ValueError("olmo2-soup: give at least one checkpoint")
     total: dict[str, torch.Tensor] = {}
@@ -84,7 +80,7 @@ def soup(paths: Sequence[str | os.PathLike], out: str | os.PathLike, dtype: torc
     # A Hugging Face input's tokenizer, or the one a run exported next to its weights.
     candidates = [Path(p) / name for p in paths for name in ("tokenizer.json", "hf/tokenizer.json")]
     tok = Path(tokenizer) if tokenizer else next((c for c in candidates if c.is_file()), None)
-    model.save_pretrained(str(out))
+    save_pretrained(model, out)
     if tok is not None:
         if not tok.is_file():
             raise FileNotFoundError(f"olmo2-soup: --tokenizer {tok} does not exist")
@@ -92,27 +88,3 @@ def soup(paths: Sequence[str | os.PathLike], out: str | os.PathLike, dtype: torc
         shutil.copyfile(tok, tmp)
         os.replace(tmp, out / "tokenizer.json")
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="olmo2-soup",
-        description="Average the weights of several checkpoints (trainer or Hugging Face) into a Hugging Face checkpoint.",
-    )
-    parser.add_argument("checkpoints", nargs="+", help="trainer checkpoint/run folders or Hugging Face folders")
-    parser.add_argument("--out", "-o", required=True, help="output Hugging Face folder")
-    parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
-                        help="output dtype (default: that of the first checkpoint)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json to copy into the output")
-    args = parser.parse_args(argv)
-    try:
-        out = soup(args.checkpoints, args.out, _DTYPES[args.dtype] if args.dtype else None, args.tokenizer)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"olmo2-soup: {exc}", file=sys.stderr)
-        return 2
-    print(f"olmo2-soup: averaged {len(args.checkpoints)} checkpoints into {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

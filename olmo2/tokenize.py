@@ -1,5 +1,5 @@
-"""``olmo2-tokenize``: text or JSONL files to an OLMo token file, and the
-repeated n-gram filter.
+"""Text or JSONL files to an OLMo token file, and the repeated n-gram filter
+(the ``olmo2-tokenize`` command is :mod:`olmo2.cli.tokenize`).
 
 Input: ``.txt``/``.md``/``.py``/... files (each file one document, or each line
 with ``--doc-per-line``), ``.jsonl`` files (one JSON object per line, the text
@@ -20,7 +20,6 @@ see :func:`find_repeated_ngram`.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import json
@@ -32,7 +31,8 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from .data import TOKEN_DTYPES
+from .byte_tokenizer import EOS_TOKEN, ByteTokenizer
+from .train.data import TOKEN_DTYPES
 
 MIN_PERIOD = 1
 MAX_PERIOD = 13
@@ -102,8 +102,6 @@ def load_tokenizer(spec: str, eos_token: str | None = None):
     ``eos_token`` defaults to ``<|endoftext|>``; a tokenizer without it needs
     ``--eos-token`` (a token string) or ``--eos-id``.
     """
-    from .byte_tokenizer import EOS_TOKEN, ByteTokenizer
-
     if spec == "byte":
         tok = ByteTokenizer()
         eos = tok.eos_token_id if eos_token in (None, EOS_TOKEN) else tok.token_to_id(eos_token)
@@ -265,39 +263,3 @@ def tokenize_files(inputs: Sequence[str], out: str, tokenizer: str = "byte", dty
     finally:
         bar.close()
     return stats
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="olmo2-tokenize",
-        description="Tokenize text/JSONL files into an OLMo token file (headerless uint32 ids, EOS per document).",
-    )
-    parser.add_argument("inputs", nargs="+", help="text files, JSONL files (.jsonl[.gz]) or folders")
-    parser.add_argument("--out", "-o", required=True, help="output token file (e.g. data/train.npy)")
-    parser.add_argument("--tokenizer", default="byte", help="'byte' (built in) or a tokenizer.json path/folder")
-    parser.add_argument("--dtype", default="uint32", choices=tuple(TOKEN_DTYPES))
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    parser.add_argument("--doc-per-line", action="store_true", help="text files: one document per non-empty line")
-    parser.add_argument("--eos-token", default=None, help="EOS token string (default <|endoftext|>)")
-    parser.add_argument("--eos-id", type=int, default=None, help="EOS id, overriding --eos-token")
-    parser.add_argument("--ngram-filter", action="store_true",
-                        help="drop documents with a repeated n-gram (period 1..13 repeated >= 32 times)")
-    parser.add_argument("--min-period", type=int, default=MIN_PERIOD)
-    parser.add_argument("--max-period", type=int, default=MAX_PERIOD)
-    parser.add_argument("--max-count", type=int, default=MAX_COUNT)
-    parser.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer call")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    stats = tokenize_files(
-        args.inputs, args.out, tokenizer=args.tokenizer, dtype=args.dtype, text_field=args.text_field,
-        doc_per_line=args.doc_per_line, ngram_filter=args.ngram_filter, min_period=args.min_period,
-        max_period=args.max_period, max_count=args.max_count, eos_token=args.eos_token, eos_id=args.eos_id,
-        batch_size=args.batch_size, progress=not args.no_progress,
-    )
-    print(f"{args.out}: {stats.tokens} tokens from {stats.documents - stats.dropped} documents"
-          + (f" ({stats.dropped} dropped by the n-gram filter)" if args.ngram_filter else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,8 @@ Each op is a drop-in function with forward and backward, registered as a
 (``torch`` reference, ``triton``, compiled ``cuda``/``cpu``) is chosen per call
 by :func:`use_backend`, the ``OLMO2_KERNELS_BACKEND`` variable, or ``auto``.
 """
-from ._backend import BackendUnavailableError, backend_info, use_backend
+from . import _validate as checks  # input checks (range_checks_enabled, ...), public for the model package
+from ._backend import BACKENDS, BackendUnavailableError, backend_info, use_backend
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 from .qk_norm_rope import qk_norm_rope, rope_cos_sin
@@ -16,9 +17,11 @@ from .swiglu import swiglu
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKENDS",
     "BackendUnavailableError",
     "RMSNorm",
     "backend_info",
+    "checks",
     "cross_entropy",
     "linear_cross_entropy",
     "qk_norm_rope",

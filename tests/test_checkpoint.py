@@ -4,9 +4,8 @@ import json
 import pytest
 import torch
 
-from olmo2 import checkpoint as ckpt
-from olmo2.train import Trainer
-from olmo2.train_config import ConfigError
+from olmo2.train import ConfigError, Trainer
+from olmo2.train import checkpoint as ckpt
 from test_train_utils import make_config, params
 
 

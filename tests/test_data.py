@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from olmo2 import data as data_mod
-from olmo2.data import MixedOrder, TokenSource, TrainData, mix_counts, open_token_file, stdlib_corpus
+from olmo2.train import corpus as corpus_mod
+from olmo2.train.corpus import stdlib_corpus
+from olmo2.train.data import MixedOrder, TokenSource, TrainData, mix_counts, open_token_file
 
 
 def write(path, values, dtype=np.uint32):
@@ -182,7 +183,7 @@ def test_stdlib_corpus_built_once(tmp_path, monkeypatch):
     for name, text in texts.items():
         (root / name).write_text(text)
     files = sorted(root.glob("*.py"))
-    monkeypatch.setattr(data_mod, "_stdlib_files", lambda: (root, files))
+    monkeypatch.setattr(corpus_mod, "_stdlib_files", lambda: (root, files))
     out = stdlib_corpus(tmp_path / "cache", val_every=3)
     train = np.fromfile(out["train"], dtype=np.uint32)
     val = np.fromfile(out["val"], dtype=np.uint32)

@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from olmo2 import checkpoint as ckpt
-from olmo2.train import Trainer, main
+from olmo2.cli.train import main
+from olmo2.train import Trainer
+from olmo2.train import checkpoint as ckpt
 from test_train_utils import make_config, synthetic_tokens
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -11,8 +11,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from olmo2 import Olmo2Config, Olmo2ForCausalLM  # noqa: E402
-from olmo2.generate import generate, main, sample_next  # noqa: E402
+from olmo2 import Olmo2Config, Olmo2ForCausalLM, generate, save_pretrained  # noqa: E402
+from olmo2.cli.generate import main  # noqa: E402
+from olmo2.generation import sample_next  # noqa: E402
 from test_hf_parity import SHAPES, make_pair  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def test_greedy_matches_transformers(shape):
     hf, ours = make_pair(**SHAPES[shape])
     ids = torch.randint(0, 301, (2, 6))
     expected = hf_greedy(hf, ids, 20, eos_token_id=None, pad_token_id=0)
-    got = ours.generate(ids, 20, eos_token_id=[])
+    got = generate(ours, ids, 20, eos_token_id=[])
     assert got.shape == (2, 26)
     assert torch.equal(got, expected)
 
@@ -37,18 +38,18 @@ def test_greedy_left_padded_matches_transformers_and_single_rows():
     ids = torch.cat([torch.cat([torch.full((1, 3), 5), short], 1), long])
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    got = ours.generate(ids, 12, attention_mask=mask, eos_token_id=[])
+    got = generate(ours, ids, 12, attention_mask=mask, eos_token_id=[])
     expected = hf_greedy(hf, ids, 12, attention_mask=mask, eos_token_id=None, pad_token_id=0)
     assert torch.equal(got, expected)
-    assert torch.equal(got[0, 3:], ours.generate(short, 12, eos_token_id=[])[0])
-    assert torch.equal(got[1], ours.generate(long, 12, eos_token_id=[])[0])
+    assert torch.equal(got[0, 3:], generate(ours, short, 12, eos_token_id=[])[0])
+    assert torch.equal(got[1], generate(ours, long, 12, eos_token_id=[])[0])
 
 
 def test_cached_logits_match_full_forward():
     """Each decoding step's logits equal a fresh full forward over the sequence so far."""
     _, ours = make_pair(**SHAPES["gqa-q-width"])
     ids = torch.randint(0, 301, (2, 5))
-    seq = ours.generate(ids, 8, eos_token_id=[])
+    seq = generate(ours, ids, 8, eos_token_id=[])
     with torch.no_grad():
         full = ours(seq).logits
     assert torch.equal(full[:, 4:-1].argmax(-1), seq[:, 5:])
@@ -57,27 +58,27 @@ def test_cached_logits_match_full_forward():
 def test_eos_stops_and_pads():
     _, ours = make_pair()
     ids = torch.randint(0, 301, (2, 5))
-    free = ours.generate(ids, 10, eos_token_id=[])
+    free = generate(ours, ids, 10, eos_token_id=[])
     eos = int(free[0, 7])  # row 0's third new token
-    out = ours.generate(ids, 10, eos_token_id=eos, pad_token_id=300)
+    out = generate(ours, ids, 10, eos_token_id=eos, pad_token_id=300)
     row0 = out[0].tolist()
     first = row0.index(eos, 5)
     assert first <= 7 and all(t == 300 for t in row0[first + 1 :])
     if eos not in free[1, 5:].tolist():
         assert torch.equal(out[1], free[1, : out.shape[1]])
-    everyone = ours.generate(ids[:1], 10, eos_token_id=int(free[0, 5]))
+    everyone = generate(ours, ids[:1], 10, eos_token_id=int(free[0, 5]))
     assert everyone.shape == (1, 6)  # stops as soon as every row is done
 
 
 def test_sampling_reproducible_and_top_p():
     _, ours = make_pair()
     ids = torch.randint(0, 301, (3, 4))
-    a = ours.generate(ids, 8, temperature=1.0, generator=torch.Generator().manual_seed(1), eos_token_id=[])
-    b = ours.generate(ids, 8, temperature=1.0, generator=torch.Generator().manual_seed(1), eos_token_id=[])
-    c = ours.generate(ids, 8, temperature=1.0, generator=torch.Generator().manual_seed(2), eos_token_id=[])
+    a = generate(ours, ids, 8, temperature=1.0, generator=torch.Generator().manual_seed(1), eos_token_id=[])
+    b = generate(ours, ids, 8, temperature=1.0, generator=torch.Generator().manual_seed(1), eos_token_id=[])
+    c = generate(ours, ids, 8, temperature=1.0, generator=torch.Generator().manual_seed(2), eos_token_id=[])
     assert torch.equal(a, b) and not torch.equal(a, c)
-    greedy = ours.generate(ids, 8, eos_token_id=[])
-    tiny_nucleus = ours.generate(ids, 8, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(1), eos_token_id=[])
+    greedy = generate(ours, ids, 8, eos_token_id=[])
+    tiny_nucleus = generate(ours, ids, 8, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(1), eos_token_id=[])
     assert torch.equal(tiny_nucleus, greedy)
 
 
@@ -94,18 +95,18 @@ def test_bad_arguments():
     _, ours = make_pair()
     ids = torch.randint(0, 301, (1, 4))
     with pytest.raises(ValueError, match="max_new_tokens must be a non-negative int"):
-        ours.generate(ids, -1)
+        generate(ours, ids, -1)
     with pytest.raises(ValueError, match="temperature must be a number >= 0"):
-        ours.generate(ids, 2, temperature=-1.0)
+        generate(ours, ids, 2, temperature=-1.0)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
-        ours.generate(ids, 2, top_p=0.0)
+        generate(ours, ids, 2, top_p=0.0)
     with pytest.raises(TypeError, match="input_ids must be an int64/int32 tensor"):
-        ours.generate(ids.float(), 2)
+        generate(ours, ids.float(), 2)
     with pytest.raises(ValueError, match="attention_mask must be a tensor of the shape of input_ids"):
-        ours.generate(ids, 2, attention_mask=torch.ones(1, 3))
+        generate(ours, ids, 2, attention_mask=torch.ones(1, 3))
     with pytest.raises(ValueError, match=r"input_ids\[0, 1\] = 301"):
-        ours.generate(torch.tensor([[1, 301]]), 2)
-    assert torch.equal(ours.generate(ids, 0), ids)
+        generate(ours, torch.tensor([[1, 301]]), 2)
+    assert torch.equal(generate(ours, ids, 0), ids)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -127,7 +128,7 @@ def checkpoint(tmp_path_factory):
                          num_attention_heads=2, head_dim=16, max_position_embeddings=64,
                          eos_token_id=tokenizer.token_to_id("<eos>"), pad_token_id=None)
     model = Olmo2ForCausalLM.from_config(config, generator=torch.Generator().manual_seed(0))
-    model.save_pretrained(folder)
+    save_pretrained(model, folder)
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder, tokenizer, model
 
@@ -175,7 +176,7 @@ def test_cli_errors(checkpoint, tmp_path, capsys):
 def test_console_script(checkpoint):
     """The installed entry point, as a user runs it (python -m when the script is not on PATH)."""
     exe = shutil.which("olmo2-generate", path=os.path.dirname(sys.executable))
-    cmd = [exe] if exe else [sys.executable, "-m", "olmo2.generate"]
+    cmd = [exe] if exe else [sys.executable, "-m", "olmo2.cli.generate"]
     result = subprocess.run(
         cmd + ["--model", str(checkpoint[0]), "--prompt", "the bird", "--max-new-tokens", "4", "--device", "cpu"],
         capture_output=True, text=True, timeout=300,

@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from olmo2 import Olmo2Config, Olmo2ForCausalLM, num_parameters  # noqa: E402
+from olmo2 import Olmo2Config, Olmo2ForCausalLM, load_pretrained, num_parameters, save_pretrained  # noqa: E402
 from olmo2.checkpoint_hf import parse_size  # noqa: E402
 
 LOGITS_RTOL = 1e-5
@@ -171,7 +171,7 @@ def test_load_transformers_checkpoint(tmp_path, shard_size):
     hf.save_pretrained(tmp_path, **kwargs)
     sharded = (tmp_path / "model.safetensors.index.json").exists()
     assert sharded == (shard_size is not None)
-    ours = Olmo2ForCausalLM.from_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path)
     ids = torch.randint(0, 301, (2, 11))
     assert rel_err(logits_of(ours, ids), logits_of(hf, ids)) < LOGITS_RTOL
 
@@ -179,7 +179,7 @@ def test_load_transformers_checkpoint(tmp_path, shard_size):
 @pytest.mark.parametrize("shard_size", ["5GB", 40_000])
 def test_transformers_loads_our_checkpoint(tmp_path, shard_size):
     _, ours = make_pair(**SHAPES["gqa-q-width"])
-    ours.save_pretrained(tmp_path / "ckpt", max_shard_size=shard_size)
+    save_pretrained(ours, tmp_path / "ckpt", max_shard_size=shard_size)
     files = sorted(os.listdir(tmp_path / "ckpt"))
     if shard_size == 40_000:
         index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
@@ -197,7 +197,7 @@ def test_transformers_loads_our_checkpoint(tmp_path, shard_size):
     hf = transformers.Olmo2ForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager")
     ids = torch.randint(0, 301, (2, 11))
     assert rel_err(logits_of(hf, ids), logits_of(ours, ids)) < LOGITS_RTOL
-    back = Olmo2ForCausalLM.from_pretrained(tmp_path / "ckpt")
+    back = load_pretrained(tmp_path / "ckpt")
     assert back.config == ours.config
     for (name, a), b in zip(ours.named_parameters(), back.parameters()):
         assert torch.equal(a, b), name
@@ -205,8 +205,8 @@ def test_transformers_loads_our_checkpoint(tmp_path, shard_size):
 
 def test_load_dtype_and_device(tmp_path):
     _, ours = make_pair()
-    ours.save_pretrained(tmp_path)
-    bf16 = Olmo2ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu", attn_backend="eager")
+    save_pretrained(ours, tmp_path)
+    bf16 = load_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu", attn_backend="eager")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert bf16.config.attn_backend == "eager"
     assert all(a.to(torch.bfloat16).equal(b) for a, b in zip(ours.parameters(), bf16.parameters()))
@@ -217,23 +217,23 @@ def test_load_dtype_and_device(tmp_path):
 def test_save_over_existing_folder_keeps_other_files(tmp_path):
     _, ours = make_pair()
     target = tmp_path / "ckpt"
-    ours.save_pretrained(target, max_shard_size=30_000)
+    save_pretrained(ours, target, max_shard_size=30_000)
     (target / "tokenizer.json").write_text("{}")
     (target / "extra").mkdir()
     (target / "extra" / "notes.txt").write_text("kept")
     with torch.no_grad():
         ours.lm_head.weight.mul_(2)
-    ours.save_pretrained(target)  # now one file: the old shards and index must go
+    save_pretrained(ours, target)  # now one file: the old shards and index must go
     assert sorted(os.listdir(target)) == ["config.json", "extra", "model.safetensors", "tokenizer.json"]
     assert (target / "extra" / "notes.txt").read_text() == "kept"
-    assert torch.equal(Olmo2ForCausalLM.from_pretrained(target).lm_head.weight, ours.lm_head.weight)
+    assert torch.equal(load_pretrained(target).lm_head.weight, ours.lm_head.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_failed_save_leaves_old_checkpoint(tmp_path, monkeypatch):
     _, ours = make_pair()
     target = tmp_path / "ckpt"
-    ours.save_pretrained(target)
+    save_pretrained(ours, target)
     before = (target / "model.safetensors").read_bytes()
     import safetensors.torch
 
@@ -242,7 +242,7 @@ def test_failed_save_leaves_old_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        ours.save_pretrained(target)
+        save_pretrained(ours, target)
     assert (target / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -258,7 +258,7 @@ class TestCheckpointErrors:
     @pytest.fixture
     def folder(self, tmp_path):
         _, ours = make_pair()
-        ours.save_pretrained(tmp_path, max_shard_size=60_000)
+        save_pretrained(ours, tmp_path, max_shard_size=60_000)
         return tmp_path
 
     def _edit_shard(self, folder: Path, edit):
@@ -278,7 +278,7 @@ class TestCheckpointErrors:
 
         self._edit_shard(folder, edit)
         with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
-            Olmo2ForCausalLM.from_pretrained(folder)
+            load_pretrained(folder)
 
     def test_unexpected_tensor(self, folder):
         def edit(tensors, index, file):
@@ -287,7 +287,7 @@ class TestCheckpointErrors:
 
         self._edit_shard(folder, edit)
         with pytest.raises(ValueError, match=r"unexpected tensors: model\.layers\.1\.mlp\.bias"):
-            Olmo2ForCausalLM.from_pretrained(folder)
+            load_pretrained(folder)
 
     def test_wrong_shape_names_config_field(self, folder):
         config = json.loads((folder / "config.json").read_text())
@@ -297,24 +297,24 @@ class TestCheckpointErrors:
             r"model\.layers\.0\.mlp\.gate_proj\.weight: checkpoint shape \(200, 72\), config expects \(208, 72\) "
             r"\(dim 0 is intermediate_size = 208 in config.json, 200 in the weights\)"
         )):
-            Olmo2ForCausalLM.from_pretrained(folder)
+            load_pretrained(folder)
 
     def test_layer_count(self, folder):
         config = json.loads((folder / "config.json").read_text())
         config["num_hidden_layers"] = 1
         (folder / "config.json").write_text(json.dumps(config))
         with pytest.raises(ValueError, match=r"unexpected tensors: .*layers 1\.\.1; config.json says num_hidden_layers = 1"):
-            Olmo2ForCausalLM.from_pretrained(folder)
+            load_pretrained(folder)
 
     def test_index_names_missing_shard(self, folder):
         os.remove(next(folder.glob("model-00002-of-*.safetensors")))
         with pytest.raises(FileNotFoundError, match=r"names shard model-00002-of-\d+\.safetensors, which is missing"):
-            Olmo2ForCausalLM.from_pretrained(folder)
+            load_pretrained(folder)
 
     def test_no_weights(self, tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(Olmo2Config.preset("olmo2-test").to_hf()))
         (tmp_path / "pytorch_model.bin").write_bytes(b"")
         with pytest.raises(FileNotFoundError, match=r"neither model\.safetensors nor .*pytorch_model\.bin"):
-            Olmo2ForCausalLM.from_pretrained(tmp_path)
+            load_pretrained(tmp_path)
         with pytest.raises(FileNotFoundError, match="is not a folder"):
-            Olmo2ForCausalLM.from_pretrained(tmp_path / "absent")
+            load_pretrained(tmp_path / "absent")

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from olmo2 import Olmo2Config, Olmo2ForCausalLM
-from olmo2.metrics import SpikeDetector, mfu, peak_flops
-from olmo2.optim import LRSchedule, build_adamw, clip_grad_norm_, split_params
+from olmo2.train.metrics import mfu, peak_flops
+from olmo2.train.optim import LRSchedule, build_adamw, clip_grad_norm_, split_params
+from olmo2.train.stability import SpikeDetector
 
 
 # ---------------------------------------------------------------------- schedules

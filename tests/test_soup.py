@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from olmo2 import Olmo2Config, Olmo2ForCausalLM
-from olmo2 import checkpoint as ckpt
-from olmo2.soup import main, soup
+from olmo2 import Olmo2Config, Olmo2ForCausalLM, load_pretrained, save_pretrained
+from olmo2.cli.soup import main
+from olmo2.soup import soup
+from olmo2.train import checkpoint as ckpt
 from test_train_utils import make_config
 
 
@@ -25,7 +26,7 @@ def trainer_checkpoint(tmp_path, seed):
 def test_soup_is_the_mean_of_the_tensors(tmp_path):
     (a, model_a), (b, model_b) = trainer_checkpoint(tmp_path, 1), trainer_checkpoint(tmp_path, 2)
     out = soup([a, b], tmp_path / "soup")
-    souped = Olmo2ForCausalLM.from_pretrained(str(out))
+    souped = load_pretrained(str(out))
     for name, value in souped.state_dict().items():
         expected = (model_a.state_dict()[name] + model_b.state_dict()[name]) / 2
         assert value.dtype == torch.float32
@@ -38,12 +39,12 @@ def test_soup_of_hf_checkpoints_cli_and_dtype(tmp_path, capsys):
     for seed in (3, 4, 5):
         torch.manual_seed(seed)
         model = Olmo2ForCausalLM.from_config(Olmo2Config.preset("olmo2-test"))
-        model.save_pretrained(str(tmp_path / f"hf{seed}"))
+        save_pretrained(model, str(tmp_path / f"hf{seed}"))
         models.append(model)
     (tmp_path / "hf3" / "tokenizer.json").write_text("{}")
     args = [str(tmp_path / f"hf{s}") for s in (3, 4, 5)] + ["--out", str(tmp_path / "soup"), "--dtype", "bfloat16"]
     assert main(args) == 0
-    souped = Olmo2ForCausalLM.from_pretrained(str(tmp_path / "soup"))
+    souped = load_pretrained(str(tmp_path / "soup"))
     for name, value in souped.state_dict().items():
         mean = sum(m.state_dict()[name].float() for m in models) / 3
         assert value.dtype == torch.bfloat16
@@ -55,7 +56,7 @@ def test_soup_of_hf_checkpoints_cli_and_dtype(tmp_path, capsys):
 def test_soup_refuses_mismatched_architectures(tmp_path, capsys):
     a, _ = trainer_checkpoint(tmp_path, 1)
     other = Olmo2ForCausalLM.from_config(Olmo2Config.preset("olmo2-test", num_hidden_layers=1))
-    other.save_pretrained(str(tmp_path / "small"))
+    save_pretrained(other, str(tmp_path / "small"))
     with pytest.raises(ValueError, match="small has architecture"):
         soup([a, tmp_path / "small"], tmp_path / "out")
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2

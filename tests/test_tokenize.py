@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from olmo2.byte_tokenizer import ByteTokenizer
-from olmo2.tokenize import Repetition, find_repeated_ngram, has_repeated_ngram, main, tokenize_files
+from olmo2.cli.tokenize import main
+from olmo2.tokenize import Repetition, find_repeated_ngram, has_repeated_ngram, tokenize_files
 
 
 # ---------------------------------------------------------------------- n-gram filter

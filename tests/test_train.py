@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from olmo2 import Olmo2ForCausalLM
-from olmo2.optim import LRSchedule
-from olmo2.train import NonFiniteLossError, Trainer, main
-from olmo2.train_config import ConfigError
+from olmo2 import load_pretrained
+from olmo2.cli.train import main
+from olmo2.train import ConfigError, Trainer
+from olmo2.train.optim import LRSchedule
+from olmo2.train.stability import NonFiniteLossError
 from test_train_utils import make_config, params, synthetic_tokens
 
 
@@ -120,7 +121,7 @@ def test_nonfinite_step_is_skipped(tmp_path):
     trainer.fit()
     assert [h["skipped"] for h in trainer.history] == [0, 1, 0]
     assert math.isnan(trainer.history[1]["loss"])
-    assert trainer.nonfinite_skips == 1 and trainer.step == 3
+    assert trainer.guard.nonfinite_skips == 1 and trainer.step == 3
     for name, value in snapshots[0].items():
         assert torch.equal(value, snapshots[1][name]), name  # the skipped step changed nothing
     assert any(not torch.equal(v, snapshots[2][k]) for k, v in snapshots[1].items())
@@ -184,7 +185,7 @@ def test_hf_export_matches_trained_weights(tmp_path):
     cfg = make_config(tmp_path, max_steps=2, **{"checkpoint.export_hf": True})
     trainer = Trainer(cfg)
     summary = trainer.fit()
-    exported = Olmo2ForCausalLM.from_pretrained(summary["hf"])
+    exported = load_pretrained(summary["hf"])
     for name, value in trainer.model.state_dict().items():
         assert torch.equal(exported.state_dict()[name], value), name
 
@@ -252,7 +253,7 @@ def test_activation_checkpointing_and_compile_change_nothing(tmp_path):
 def ckpt_keys(root):
     from torch.distributed.checkpoint import FileSystemReader
 
-    from olmo2 import checkpoint as ckpt
+    from olmo2.train import checkpoint as ckpt
 
     path = ckpt.resolve_checkpoint(root / "runs" / "olmo2-test") / "state"
     return list(FileSystemReader(str(path)).read_metadata().state_dict_metadata)

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from olmo2.train_config import PRESETS, ConfigError, TrainConfig, parse_args, parse_overrides, resolve
+from olmo2.train.config import PRESETS, ConfigError, TrainConfig, parse_args, parse_overrides, resolve
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from olmo2.train_config import TrainConfig, deep_merge, resolve
+from olmo2.train.config import TrainConfig, deep_merge, resolve
 
 EOS = 256
 SPACE = 32

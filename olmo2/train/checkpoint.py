@@ -39,12 +39,16 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..checkpoint_hf import save_pretrained
+from ..model import Olmo2ForCausalLM
+from .config import CheckpointConfig, TrainConfig
 
 LATEST = "latest"
 STATE_DIR = "state"
@@ -311,9 +315,7 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module) -> None:
 
 
 def checkpoint_config(path: str | os.PathLike):
-    """The resolved :class:`olmo2.train_config.TrainConfig` saved with a checkpoint."""
-    from .train_config import TrainConfig
-
+    """The resolved :class:`olmo2.train.config.TrainConfig` saved with a checkpoint."""
     path = resolve_checkpoint(path)
     return TrainConfig.load(path / CONFIG_FILE)
 
@@ -321,8 +323,6 @@ def checkpoint_config(path: str | os.PathLike):
 def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                                dtype: torch.dtype | None = None):
     """An unsharded :class:`olmo2.Olmo2ForCausalLM` with the weights of a trainer checkpoint."""
-    from .model import Olmo2ForCausalLM
-
     path = resolve_checkpoint(path)
     config = checkpoint_config(path).model
     model = Olmo2ForCausalLM.from_config(config, device="meta")
@@ -338,8 +338,6 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_json: str 
     """Write the (possibly sharded) model in Hugging Face format to ``out_dir``
     (collective: gathers a full fp32 CPU state dict, rank 0 writes). Returns the
     folder on rank 0, None on the others."""
-    from .model import Olmo2ForCausalLM
-
     full = model_state_dict(model, full=True)
     if _rank() != 0:
         _barrier()
@@ -350,10 +348,54 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_json: str 
     plain = Olmo2ForCausalLM.from_config(config, device="meta")
     plain.load_state_dict(full, assign=True)
     out = Path(out_dir)
-    plain.save_pretrained(str(out))
+    save_pretrained(plain, out)
     if tokenizer_json is not None:
         tmp = out / ".tokenizer.json.tmp"
         shutil.copyfile(tokenizer_json, tmp)
         os.replace(tmp, out / "tokenizer.json")
     _barrier()
     return out
+
+
+# ---------------------------------------------------------------------- the trainer's component
+class Checkpointer:
+    """When and where the trainer saves: every ``interval`` steps before the
+    last, once at the end (``save_final``), keeping the newest ``keep_last``.
+
+    ``state()`` gives the trainer state to store (step excluded),
+    ``config_yaml`` is the resolved config saved beside each checkpoint, and
+    ``log`` receives one line per checkpoint written.
+    """
+
+    def __init__(self, root: str | os.PathLike, cfg: CheckpointConfig, max_steps: int, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, state: Callable[[], dict[str, Any]], config_yaml: str,
+                 log: Callable[[str], None] = print) -> None:
+        self.root = Path(root)
+        self.cfg = cfg
+        self.max_steps = max_steps
+        self.model = model
+        self.optimizer = optimizer
+        self.state = state
+        self.config_yaml = config_yaml
+        self.log = log
+
+    def save(self, step: int) -> Path:
+        path = save_checkpoint(self.root, step, self.model, self.optimizer, self.state(),
+                               config_yaml=self.config_yaml, keep_last=self.cfg.keep_last)
+        self.log(f"step {step}: checkpoint {path}")
+        return path
+
+    def maybe_save(self, step: int) -> Path | None:
+        """Save at the interval's steps (the last step is left to :meth:`save_final`)."""
+        if self.cfg.interval and step % self.cfg.interval == 0 and step < self.max_steps:
+            return self.save(step)
+        return None
+
+    def save_final(self, step: int) -> Path | None:
+        """The checkpoint of the last step (saved unless it already exists); None when disabled."""
+        if not self.cfg.save_final or step == 0:
+            return None
+        have = list_checkpoints(self.root)
+        if not have or have[-1][0] != step:
+            return self.save(step)
+        return self.root / step_dirname(step)

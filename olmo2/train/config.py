@@ -29,11 +29,15 @@ from typing import Any, Union
 
 import yaml
 
-from .config import Olmo2Config
+import olmo2_kernels
+
+from ..config import Olmo2Config
+from .optim import SCHEDULES
 
 PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+KERNEL_BACKENDS = ("auto", *olmo2_kernels.BACKENDS)
 
 
 class ConfigError(ValueError):
@@ -66,7 +70,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     # Training mix. Empty: the built-in corpus (the Python standard library's
-    # source, byte tokens; see olmo2.data.stdlib_corpus).
+    # source, byte tokens; see olmo2.train.corpus.stdlib_corpus).
     sources: list[SourceConfig] = field(default_factory=list)
     # Held-out evaluation token files (built-in corpus: its validation split).
     eval_paths: list[str] = field(default_factory=list)
@@ -123,8 +127,6 @@ class ScheduleConfig:
     final_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
-        from .optim import SCHEDULES
-
         if self.name not in SCHEDULES:
             raise ConfigError(f"schedule.name must be one of {SCHEDULES}, got {self.name!r}")
         _positive_int("schedule.warmup_steps", self.warmup_steps, minimum=0)
@@ -248,10 +250,8 @@ class TrainConfig:
             )
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {self.device!r}")
-        from olmo2_kernels._backend import CHOICES
-
-        if self.kernel_backend not in CHOICES:
-            raise ConfigError(f"kernel_backend must be one of {CHOICES}, got {self.kernel_backend!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ConfigError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         if self.optim.lr is None and not self.init_from:
             raise ConfigError("optim.lr is null (continue a checkpoint's learning rate) but init_from is not set")
         if self.schedule.decay_steps is not None and self.schedule.decay_steps <= self.schedule.warmup_steps \

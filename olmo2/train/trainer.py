@@ -1,51 +1,56 @@
-"""``olmo2-train``: the OLMo 2 pretraining loop.
+"""The trainer: builds model, optimizer and data from a :class:`TrainConfig`
+and runs the OLMo 2 pretraining loop.
 
-    olmo2-train                                  # the tiny default on the built-in corpus (CPU, minutes)
-    olmo2-train --config configs/x.yaml --optim.lr=1e-3 --dry-run
-    torchrun --nproc_per_node=8 -m olmo2.train --preset=olmo2-1b --data.sources='[{paths: [data/*.npy]}]'
+One optimizer step (:meth:`Trainer.train_step`):
 
-One optimizer step:
-
-1. this rank's slice of the global batch (:class:`olmo2.data.TrainData`), split
-   into micro-batches;
+1. this rank's slice of the global batch (:class:`olmo2.train.data.TrainData`),
+   split into micro-batches;
 2. per micro-batch, the summed loss (``reduction="sum"``) divided by the
    global count of non-ignored target tokens (all micro-batches, all ranks;
    counted on the host from the labels, all-reduced on the device) and scaled
    by the world size, since DDP and FSDP2 average gradients over ranks; so the
    gradient is that of the global mean loss, whatever the split;
 3. global-norm clipping, then **one host sync** fetching loss, z-loss and the
-   gradient norm together; a non-finite value or a spike (OLMo-core's rule,
-   :class:`olmo2.metrics.SpikeDetector`) skips the optimizer update; the step
-   still counts (data and schedule move on);
-4. the learning rate of this step (:class:`olmo2.optim.LRSchedule`), AdamW.
+   gradient norm together; a non-finite value or a spike
+   (:class:`olmo2.train.stability.StepGuard`) skips the optimizer update; the
+   step still counts (data and schedule move on);
+4. the learning rate of this step (:class:`olmo2.train.optim.LRSchedule`), AdamW.
 
-Resume is exact: the checkpoint (:mod:`olmo2.checkpoint`) holds model,
+The loop (:meth:`Trainer._fit`) only sequences components: the metrics
+(:class:`olmo2.train.metrics.TrainMetrics`), evaluation (:meth:`Trainer.evaluate`)
+and checkpointing (:class:`olmo2.train.checkpoint.Checkpointer`).
+
+Resume is exact: the checkpoint (:mod:`olmo2.train.checkpoint`) holds model,
 optimizer, step, tokens seen, data position, spike history and RNG states;
 on CPU a run of N steps and a run of N/2 steps resumed for N/2 more end with
 bitwise-identical weights.
 """
 from __future__ import annotations
 
-import math
 import os
-import sys
-import time
+import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+import olmo2_kernels
+
+from ..byte_tokenizer import ByteTokenizer
+from ..config import flops_per_token, num_parameters
+from ..model import IGNORE_INDEX, Olmo2ForCausalLM
 from . import checkpoint as ckpt
-from .config import flops_per_token, num_parameters
-from .data import EvalData, TokenSource, TrainData, stdlib_corpus
-from .metrics import MetricsLogger, SpikeDetector, memory_stats, mfu, peak_flops
+from .config import ConfigError, TrainConfig
+from .corpus import stdlib_corpus
+from .data import EvalData, TokenSource, TrainData
+from .metrics import StepResult, TrainMetrics, peak_flops
 from .optim import LRSchedule, build_adamw, clip_grad_norm_, set_lr
 from .parallel import (
     DistInfo,
     all_reduce_sum,
     autocast_context,
-    destroy_distributed,
     init_distributed,
     no_grad_sync,
     parallelize,
@@ -53,34 +58,22 @@ from .parallel import (
     resolve_strategy,
     unwrap,
 )
-from .train_config import ConfigError, TrainConfig, parse_args
-
-IGNORE_INDEX = -100
-# Stop, rather than skip forever, after this many non-finite steps in a row.
-MAX_CONSECUTIVE_NONFINITE = 10
-# Trainer.history keeps at least the last this many steps (metrics.jsonl has them all).
-HISTORY_LIMIT = 10_000
-
-
-class NonFiniteLossError(RuntimeError):
-    """Loss or gradients stayed non-finite for MAX_CONSECUTIVE_NONFINITE steps."""
+from .stability import SpikeDetector, StepGuard
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 class Trainer:
-    """Builds model, optimizer and data from a :class:`TrainConfig` and trains.
+    """Builds model, optimizer, data and the components from a :class:`TrainConfig`, and trains.
 
     ``Trainer(cfg).fit()`` runs to ``cfg.max_steps`` (resuming when the run
     folder has a checkpoint and ``cfg.resume`` allows) and returns a summary.
-    ``history`` keeps the scalars of the last steps (all ranks; at least
-    ``HISTORY_LIMIT`` of them).
+    ``history`` keeps the records of the last steps (all ranks; at least
+    :data:`olmo2.train.metrics.HISTORY_LIMIT` of them).
     """
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None):
@@ -94,12 +87,9 @@ class Trainer:
         self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.history: list[dict[str, Any]] = []
         self.step = 0
         self.tokens_seen = 0
         self.last_lr = 0.0
-        self.consecutive_nonfinite = 0
-        self.nonfinite_skips = 0
         self.resumed_from: str | None = None
         self.init_from: str | None = None
 
@@ -111,14 +101,27 @@ class Trainer:
         self.optimizer = build_adamw(self.base_model, lr=o.lr or 0.0, betas=o.betas, eps=o.eps,
                                      weight_decay=o.weight_decay, embedding_weight_decay=o.embedding_weight_decay,
                                      norm_weight_decay=o.norm_weight_decay, fused=o.fused)
-        self.spikes = SpikeDetector(cfg.spike.window, cfg.spike.min_history, cfg.spike.sigma) \
-            if cfg.spike.enabled else None
+        spikes = SpikeDetector(cfg.spike.window, cfg.spike.min_history, cfg.spike.sigma) if cfg.spike.enabled else None
+        self.guard = StepGuard(spikes)
         self.peak_lr = o.lr
         self._restore()
         self.schedule = LRSchedule(peak_lr=self.peak_lr, name=cfg.schedule.name, warmup_steps=cfg.schedule.warmup_steps,
                                    decay_steps=cfg.decay_steps, final_lr_ratio=cfg.schedule.final_lr_ratio)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops = peak_flops(self.device)
+        self.metrics = TrainMetrics(global_batch_tokens=cfg.global_batch_tokens, world_size=self.dist.world_size,
+                                    flops_per_token=self.flops_per_token, peak_flops=peak_flops(self.device),
+                                    device=self.device, log_interval=cfg.log_interval, max_steps=cfg.max_steps)
+        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, cfg.checkpoint, cfg.max_steps, self.model,
+                                              self.optimizer, self.trainer_state, cfg.to_yaml(),
+                                              log=self.metrics.message)
+
+    @property
+    def spikes(self) -> SpikeDetector | None:
+        return self.guard.spikes
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.metrics.history
 
     # ------------------------------------------------------------------ building
     def _build_data(self) -> tuple[TrainData, EvalData | None, str | None]:
@@ -130,8 +133,6 @@ class Trainer:
             sources = [TokenSource(s.paths, d.seq_len, s.dtype, vocab, name=s.name) for s in d.sources]
             weights = [s.weight for s in d.sources]
         else:
-            from .byte_tokenizer import ByteTokenizer
-
             if cfg.model.vocab_size < ByteTokenizer.vocab_size:
                 raise ConfigError(
                     f"the built-in corpus uses the byte tokenizer ({ByteTokenizer.vocab_size} ids); "
@@ -157,15 +158,11 @@ class Trainer:
         return train, evaluation, tokenizer_json
 
     def _build_model(self) -> torch.nn.Module:
-        from .model import Olmo2ForCausalLM
-
         cfg = self.cfg
         if self.strategy == "fsdp":
             # Every rank builds on meta and shards; rank 0 initializes the full
             # model on the host with the seed and broadcasts it into the shards,
             # so the weights are the same for any number of ranks.
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
             model = Olmo2ForCausalLM.from_config(cfg.model, device="meta")
             model = parallelize(model, "fsdp", self.device, self.precision, cfg.parallel.activation_checkpointing,
                                 cfg.parallel.compile, cfg.parallel.reduce_fp32)
@@ -204,10 +201,8 @@ class Trainer:
             self.step = int(state["step"])
             self.tokens_seen = int(state["tokens_seen"])
             self.last_lr = float(state.get("lr", 0.0))
-            self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
             self.train_data.load_state_dict(state["data"])
-            if self.spikes is not None and state.get("spike") is not None:
-                self.spikes.load_state_dict(state["spike"])
+            self.guard.load_state_dict(state)
             if self.peak_lr is None:
                 self.peak_lr = float(state["peak_lr"])
             self.resumed_from = str(resume_from)
@@ -221,7 +216,7 @@ class Trainer:
             self.init_from = str(source)
         self._apply_optim_hparams()
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ state
     def _barrier(self) -> None:
         if self.dist.distributed:
             torch.distributed.barrier()
@@ -231,17 +226,15 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "lr": self.last_lr,
             "peak_lr": self.peak_lr,
-            "nonfinite_skips": self.nonfinite_skips,
             "data": self.train_data.state_dict(),
-            "spike": self.spikes.state_dict() if self.spikes is not None else None,
+            **self.guard.state_dict(),
         }
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                                    config_yaml=self.cfg.to_yaml(), keep_last=self.cfg.checkpoint.keep_last)
+        return self.checkpointer.save(self.step)
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+    def train_step(self, batch: torch.Tensor) -> StepResult:
         cfg = self.cfg
         micro = cfg.micro_batch_instances
         # Count targets on the host (free), sum over ranks on the device (no sync).
@@ -271,33 +264,23 @@ class Trainer:
         loss = ce + z
 
         lr = self.schedule(self.step + 1)
-        reason = None
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            reason = "non-finite loss or gradient"
-            self.consecutive_nonfinite += 1
-            self.nonfinite_skips += 1
-        else:
-            self.consecutive_nonfinite = 0
-            if self.spikes is not None:
-                reason = self.spikes.check(loss, norm)
-        if reason is None:
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
-            raise NonFiniteLossError(
-                f"step {self.step + 1}: loss or gradient norm non-finite for {self.consecutive_nonfinite} "
-                "consecutive steps; stopping (lower the learning rate or check the data)"
-            )
+        try:
+            reason = self.guard.check(self.step + 1, loss, norm)
+            if reason is None:
+                set_lr(self.optimizer, lr)
+                self.optimizer.step()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.last_lr = lr
         self.tokens_seen += cfg.global_batch_tokens
-        return {"loss": loss, "ce_loss": ce, "z_loss": z, "grad_norm": norm, "lr": lr,
-                "target_tokens": count, "skipped": reason}
+        return StepResult(loss=loss, ce_loss=ce, z_loss=z, grad_norm=norm, lr=lr, target_tokens=count, skipped=reason)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean cross-entropy (and z-loss) over the fixed evaluation batches."""
+        if self.eval_data is None:
+            return {}
         sums = torch.zeros(3, device=self.device)
         self.model.eval()
         for batch in self.eval_data:
@@ -314,131 +297,58 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
         """Train to ``max_steps``, checkpoint, export; returns a summary."""
-        import olmo2_kernels
-
         with olmo2_kernels.use_backend(self.cfg.kernel_backend):
             return self._fit()
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        log = MetricsLogger(self.run_dir, cfg.max_steps, start_step=self.step, enabled=self.dist.is_main,
-                            progress=cfg.progress, tensorboard=cfg.tensorboard)
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
-            n_params = num_parameters(cfg.model)
-            how = f"resumed from {self.resumed_from}" if self.resumed_from else (
-                f"initialized from {self.init_from}" if self.init_from else "from scratch")
-            log.message(
-                f"olmo2-train: {n_params / 1e6:.2f}M parameters, {self.dist.world_size} rank(s) on "
-                f"{self.device.type} ({self.strategy}, {self.precision}), global batch "
-                f"{cfg.global_batch_instances} x {cfg.data.seq_len} tokens, {self.grad_accum} micro-batch(es) "
-                f"per rank, steps {self.step} -> {cfg.max_steps}, {how}; run folder {self.run_dir}"
-            )
-        data_iter = iter(self.train_data)
-        last_time = time.perf_counter()
+        self._start_run()
+        data = iter(self.train_data)
         last_loss = None
         try:
             while self.step < cfg.max_steps:
-                batch = next(data_iter)
-                metrics = self.train_step(batch)
-                now = time.perf_counter()
-                step_time, last_time = now - last_time, now
-                tokens_per_s = cfg.global_batch_tokens / step_time
-                per_device = tokens_per_s / self.dist.world_size
-                skipped = metrics.pop("skipped")
-                metrics.update({
-                    "tokens_seen": self.tokens_seen,
-                    "tokens_per_s": tokens_per_s,
-                    "tokens_per_s_per_device": per_device,
-                    "step_time_s": step_time,
-                    "skipped": int(skipped is not None),
-                })
-                util = mfu(per_device, self.flops_per_token, self.peak_flops)
-                if util is not None:
-                    metrics["mfu"] = util
-                if skipped is not None:
-                    log.message(f"step {self.step}: optimizer step skipped: {skipped}")
-                last_loss = metrics["loss"]
-                self.history.append({"step": self.step, **metrics})
+                self.metrics.start_step()
+                result = self.train_step(next(data))
+                record = self.metrics.record(self.step, result, self.tokens_seen)
+                last_loss = result.loss
                 if self.eval_data is not None and self.step % cfg.eval_interval == 0:
-                    metrics.update(self.evaluate())
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps or "eval/ce_loss" in metrics:
-                    metrics.update(memory_stats(self.device))
-                    log.log(self.step, metrics)
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 \
-                        and self.step < cfg.max_steps:
-                    path = self.save()
-                    log.message(f"step {self.step}: checkpoint {path}")
-                if len(self.history) > 2 * HISTORY_LIMIT:
-                    del self.history[:-HISTORY_LIMIT]
-                last_time = time.perf_counter()  # step time excludes evaluation and saving
-            final = {}
-            if cfg.checkpoint.save_final and self.step > 0:
-                have = ckpt.list_checkpoints(self.ckpt_dir)
-                if not have or have[-1][0] != self.step:
-                    path = self.save()
-                    log.message(f"step {self.step}: checkpoint {path}")
-                final["checkpoint"] = str(self.ckpt_dir / ckpt.step_dirname(self.step))
-            if cfg.checkpoint.export_hf:
-                out = ckpt.export_hf(self.base_model, self.run_dir / "hf", tokenizer_json=self.tokenizer_json)
-                if out is not None:
-                    log.message(f"Hugging Face checkpoint: {out}")
-                    final["hf"] = str(out)
+                    record.update(self.evaluate())
+                self.metrics.log(self.step, record)
+                self.checkpointer.maybe_save(self.step)
+            final = self._finish_run()
         finally:
-            log.close()
+            self.metrics.close()
         return {"step": self.step, "tokens_seen": self.tokens_seen, "last_loss": last_loss,
                 "run_dir": str(self.run_dir), **final}
 
+    def _start_run(self) -> None:
+        """Open the metrics sinks; rank 0 writes the resolved config and says what runs."""
+        cfg = self.cfg
+        self.metrics.open(self.run_dir, start_step=self.step, enabled=self.dist.is_main,
+                          progress=cfg.progress, tensorboard=cfg.tensorboard)
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.run_dir / "config.yaml")
+        n_params = num_parameters(cfg.model)
+        how = f"resumed from {self.resumed_from}" if self.resumed_from else (
+            f"initialized from {self.init_from}" if self.init_from else "from scratch")
+        self.metrics.message(
+            f"olmo2-train: {n_params / 1e6:.2f}M parameters, {self.dist.world_size} rank(s) on "
+            f"{self.device.type} ({self.strategy}, {self.precision}), global batch "
+            f"{cfg.global_batch_instances} x {cfg.data.seq_len} tokens, {self.grad_accum} micro-batch(es) "
+            f"per rank, steps {self.step} -> {cfg.max_steps}, {how}; run folder {self.run_dir}"
+        )
 
-# ---------------------------------------------------------------------- CLI
-def describe(cfg: TrainConfig, world_size: int) -> str:
-    """The resolved config and what it implies, for ``--dry-run``."""
-    n = num_parameters(cfg.model)
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    lines = [
-        cfg.to_yaml().rstrip(),
-        "# ---- derived",
-        f"# parameters: {n:,} ({n / 1e9:.3f}B)",
-        f"# training FLOPs per token: {fpt:.4g}",
-        f"# global batch: {cfg.global_batch_instances} instances x {cfg.data.seq_len} = {cfg.global_batch_tokens:,} tokens",
-        f"# micro-batch per rank: {cfg.micro_batch_instances} instances; gradient accumulation x"
-        f"{cfg.grad_accum_steps(world_size)} at {world_size} rank(s)",
-        f"# total: {cfg.max_steps:,} steps = {cfg.max_steps * cfg.global_batch_tokens:,} tokens",
-        f"# schedule: {cfg.schedule.name}, warmup {cfg.schedule.warmup_steps} steps, decay horizon "
-        f"{cfg.decay_steps} steps to {cfg.schedule.final_lr_ratio} x peak",
-        f"# run folder: {cfg.run_dir}",
-    ]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, dry_run = parse_args(argv)
-    except ConfigError as exc:
-        print(f"olmo2-train: {exc}", file=sys.stderr)
-        return 2
-    if dry_run:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        try:
-            print(describe(cfg, world))
-        except ConfigError as exc:
-            print(f"olmo2-train: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    dist_info = init_distributed(cfg.device)
-    try:
-        summary = Trainer(cfg, dist_info).fit()
-        if dist_info.is_main:
-            print(f"olmo2-train: done at step {summary['step']}, loss {summary['last_loss']}, "
-                  f"run folder {summary['run_dir']}")
-    except ConfigError as exc:
-        print(f"olmo2-train: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def _finish_run(self) -> dict[str, str]:
+        """The final checkpoint and the Hugging Face export; their paths for the summary."""
+        final = {}
+        path = self.checkpointer.save_final(self.step)
+        if path is not None:
+            final["checkpoint"] = str(path)
+        if self.cfg.checkpoint.export_hf:
+            out = ckpt.export_hf(self.base_model, self.run_dir / "hf", tokenizer_json=self.tokenizer_json)
+            if out is not None:
+                self.metrics.message(f"Hugging Face checkpoint: {out}")
+                final["hf"] = str(out)
+        return final

@@ -1,4 +1,4 @@
-"""Text generation with a KV cache, and the ``olmo2-generate`` command.
+"""Text generation with a KV cache (the ``olmo2-generate`` command is :mod:`olmo2.cli.generate`).
 
 :func:`generate` runs the prompt once (prefill), then one token per step,
 keys and values of earlier positions coming from a preallocated
@@ -11,16 +11,10 @@ padding); positions then count real tokens only (``cumsum(mask) - 1``, as
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import os
-import sys
 from typing import Sequence
 
 import torch
 from torch import Tensor
-
-import olmo2_kernels
 
 from .model import KVCache, Olmo2ForCausalLM
 
@@ -125,74 +119,3 @@ def generate(
     if not new_tokens:
         return input_ids.clone()
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
-
-
-# --------------------------------------------------------------------------- CLI
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="olmo2-generate",
-        description="Continue a prompt with an OLMo 2 checkpoint folder (Hugging Face layout plus tokenizer.json).",
-    )
-    p.add_argument("--model", required=True, help="checkpoint folder: config.json, *.safetensors, tokenizer.json")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda", "cpu"],
-                   help="olmo2_kernels backend (default: OLMO2_KERNELS_BACKEND or auto)")
-    p.add_argument("--attn-backend", default=None, choices=["sdpa", "eager", "flash_attn"],
-                   help="attention implementation (default: the checkpoint config's, sdpa)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not os.path.isdir(args.model):
-        parser.error(f"--model: {args.model} is not a folder")
-    tokenizer_path = os.path.join(args.model, "tokenizer.json")
-    if not os.path.isfile(tokenizer_path):
-        parser.error(f"--model: {args.model} has no tokenizer.json")
-    if args.max_new_tokens < 0:
-        parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(tokenizer_path)
-    ids = tokenizer.encode(args.prompt).ids
-    if not ids:
-        parser.error("--prompt encodes to no tokens")
-    model = Olmo2ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device, attn_backend=args.attn_backend)
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    backend = olmo2_kernels.use_backend(args.backend) if args.backend else contextlib.nullcontext()
-    with backend:
-        out = generate(
-            model,
-            torch.tensor([ids], device=device),
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            generator=generator,
-        )
-    continuation = out[0, len(ids):].tolist()
-    sys.stdout.write(tokenizer.decode(continuation, skip_special_tokens=True) + "\n")
-    sys.stdout.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

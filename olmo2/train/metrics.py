@@ -1,18 +1,21 @@
-"""Training metrics: the spike detector, MFU, and the loggers (console progress
-bar, a JSONL file, TensorBoard when installed).
+"""Training metrics: the typed result of a step, MFU, memory, and the
+loggers (console progress bar, a JSONL file, TensorBoard when installed).
+
+:class:`TrainMetrics` is the trainer's metrics component: it times steps,
+turns each :class:`StepResult` into the record that is logged, keeps the
+recent history, and decides which steps are written.
 
 The trainer reads its per-step scalars from the device once per step, all
-together (see :mod:`olmo2.train`); nothing here touches a device tensor.
+together (see :mod:`olmo2.train.trainer`); nothing here touches a device tensor.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import sys
 import time
-from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,58 +72,20 @@ def memory_stats(device: torch.device) -> dict[str, float]:
     return {"mem/max_rss_gib": rss_kib / 2**20}
 
 
-# ---------------------------------------------------------------------- spikes
-class SpikeDetector:
-    """Skip the optimizer step when the loss or the gradient norm is a spike.
+# ---------------------------------------------------------------------- step result
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step measured (host floats, read in the step's one sync)."""
 
-    OLMo-core's rule: a value is a spike when it exceeds the mean of the last
-    ``window`` (128) values by more than ``sigma`` (6) standard deviations;
-    judged only once ``min_history`` (64) values exist. Non-finite values are
-    always rejected and never enter the history; spikes do enter it (as in
-    OLMo-core), so a lasting shift in level is accepted after a while.
-    """
-
-    def __init__(self, window: int = 128, min_history: int = 64, sigma: float = 6.0):
-        if window < 2 or not 2 <= min_history <= window or sigma <= 0:
-            raise ValueError(
-                f"SpikeDetector: need window >= 2, 2 <= min_history <= window and sigma > 0, "
-                f"got window={window}, min_history={min_history}, sigma={sigma}"
-            )
-        self.window, self.min_history, self.sigma = window, min_history, sigma
-        self.history: dict[str, deque] = {"loss": deque(maxlen=window), "grad_norm": deque(maxlen=window)}
-        self.skipped = 0
-
-    def threshold(self, key: str) -> float | None:
-        values = self.history[key]
-        if len(values) < self.min_history:
-            return None
-        n = len(values)
-        mean = sum(values) / n
-        var = sum((v - mean) ** 2 for v in values) / (n - 1)
-        return mean + self.sigma * math.sqrt(var)
-
-    def check(self, loss: float, grad_norm: float) -> str | None:
-        """Why this step must be skipped (``"loss spike"``, ``"grad_norm spike"``), or None;
-        then records the values."""
-        reason = None
-        for key, value in (("loss", loss), ("grad_norm", grad_norm)):
-            limit = self.threshold(key)
-            if reason is None and limit is not None and value > limit:
-                reason = f"{key} spike ({value:.4g} > {limit:.4g})"
-        for key, value in (("loss", loss), ("grad_norm", grad_norm)):
-            if math.isfinite(value):
-                self.history[key].append(float(value))
-        if reason is not None:
-            self.skipped += 1
-        return reason
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": {k: list(v) for k, v in self.history.items()}, "skipped": self.skipped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, values in state["history"].items():
-            self.history[key] = deque((float(v) for v in values), maxlen=self.window)
-        self.skipped = int(state.get("skipped", 0))
+    loss: float
+    ce_loss: float
+    z_loss: float
+    grad_norm: float
+    lr: float
+    # Non-ignored target tokens of the global batch.
+    target_tokens: float
+    # Why the optimizer update was skipped, or None when it was applied.
+    skipped: str | None = None
 
 
 # ---------------------------------------------------------------------- loggers
@@ -206,3 +171,78 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3e}" if (value != 0 and abs(value) < 1e-2) else f"{value:.4f}"
     return str(value)
+
+
+# ---------------------------------------------------------------------- the trainer's component
+# Trainer history keeps at least the last this many steps (metrics.jsonl has them all).
+HISTORY_LIMIT = 10_000
+
+
+class TrainMetrics:
+    """Step timing, per-step records, the in-memory history and the log cadence.
+
+    ``start_step()`` starts the clock (evaluation and saving between steps are
+    outside it); ``record(step, result, tokens_seen)`` returns the step's record
+    (the result's scalars, throughput, MFU when the device's peak is known) and
+    appends it to ``history``; ``log(step, record)`` writes it on log steps
+    (every ``log_interval``, the last step, and any step with evaluation).
+    """
+
+    def __init__(self, *, global_batch_tokens: int, world_size: int, flops_per_token: float,
+                 peak_flops: float | None, device: torch.device, log_interval: int, max_steps: int) -> None:
+        self.logger: MetricsLogger | None = None
+        self.global_batch_tokens = global_batch_tokens
+        self.world_size = world_size
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.device = device
+        self.log_interval = log_interval
+        self.max_steps = max_steps
+        self.history: list[dict[str, Any]] = []
+        self._started = time.perf_counter()
+
+    def open(self, run_dir: str | os.PathLike, start_step: int, enabled: bool, progress: bool,
+             tensorboard: bool) -> None:
+        """Start the sinks (rank 0 only when ``enabled`` is False elsewhere)."""
+        self.logger = MetricsLogger(run_dir, self.max_steps, start_step=start_step, enabled=enabled,
+                                    progress=progress, tensorboard=tensorboard)
+
+    def start_step(self) -> None:
+        self._started = time.perf_counter()
+
+    def record(self, step: int, result: StepResult, tokens_seen: int) -> dict[str, Any]:
+        step_time = time.perf_counter() - self._started
+        tokens_per_s = self.global_batch_tokens / step_time
+        per_device = tokens_per_s / self.world_size
+        record: dict[str, Any] = {**asdict(result)}
+        record.update(
+            tokens_seen=tokens_seen,
+            tokens_per_s=tokens_per_s,
+            tokens_per_s_per_device=per_device,
+            step_time_s=step_time,
+            skipped=int(result.skipped is not None),
+        )
+        util = mfu(per_device, self.flops_per_token, self.peak_flops)
+        if util is not None:
+            record["mfu"] = util
+        if result.skipped is not None:
+            self.message(f"step {step}: optimizer step skipped: {result.skipped}")
+        self.history.append({"step": step, **record})
+        if len(self.history) > 2 * HISTORY_LIMIT:
+            del self.history[:-HISTORY_LIMIT]
+        return record
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        if step % self.log_interval == 0 or step == self.max_steps or "eval/ce_loss" in record:
+            record.update(memory_stats(self.device))
+            if self.logger is not None:
+                self.logger.log(step, record)
+
+    def message(self, text: str) -> None:
+        if self.logger is not None:
+            self.logger.message(text)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None

@@ -1,0 +1,8 @@
+"""The command-line shells: each parses its arguments, builds what the library
+needs, runs it, and turns expected errors into one line on stderr (exit 2).
+
+``olmo2-train`` (:mod:`olmo2.cli.train`), ``olmo2-generate``
+(:mod:`olmo2.cli.generate`), ``olmo2-tokenize`` (:mod:`olmo2.cli.tokenize`),
+``olmo2-soup`` (:mod:`olmo2.cli.soup`); each also runs as
+``python -m olmo2.cli.<name>``.
+"""
