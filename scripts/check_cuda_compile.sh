@@ -6,6 +6,9 @@
 #
 #   scripts/check_cuda_compile.sh            # sm_90a
 #   CHECK_CUDA_ARCHS="80 90a" scripts/check_cuda_compile.sh
+#
+# CHECK_CUDA_PTXAS_LOG_DIR=dir adds -Xptxas -v and keeps each file's log there as
+# <name>.log (scripts/cuda_resources.sh reads registers and spills from them).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +36,13 @@ fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 
+ptxas_log_dir="${CHECK_CUDA_PTXAS_LOG_DIR:-}"
+ptxas_flags=()
+if [[ -n "$ptxas_log_dir" ]]; then
+  mkdir -p "$ptxas_log_dir"
+  ptxas_flags=(-Xptxas -v)
+fi
+
 gencode=()
 for arch in $archs; do
   gencode+=("-gencode=arch=compute_${arch},code=sm_${arch}")
@@ -43,10 +53,13 @@ echo "check_cuda_compile: $("$nvcc_bin" --version | tail -n 1) for ${archs}: ${#
 compile() {
   local src="$1" name
   name="$(basename "$src" .cu)"
-  if "$nvcc_bin" -std=c++17 -O3 "${gencode[@]}" -I"$root/csrc" \
+  if "$nvcc_bin" -std=c++17 -O3 "${gencode[@]}" -I"$root/csrc" ${ptxas_flags[@]+"${ptxas_flags[@]}"} \
       -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror \
       -c "$src" -o "$out/$name.o" >"$out/$name.log" 2>&1; then
     echo "  ok     ${src#"$root"/}"
+    if [[ -n "$ptxas_log_dir" ]]; then
+      cp "$out/$name.log" "$ptxas_log_dir/$name.log"
+    fi
   else
     echo "  FAILED ${src#"$root"/}"
     sed 's/^/    /' "$out/$name.log"
