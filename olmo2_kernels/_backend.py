@@ -20,8 +20,8 @@ raises :class:`BackendUnavailableError`; nothing falls back silently.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
+import threading
 from typing import Iterator
 
 import torch
@@ -46,10 +46,21 @@ AUTO_PREFERENCE = {
 # at decoration time, so setting it later has no effect on this process.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# The backend that ``use_backend`` selected for the current thread or task
-# (None: the environment variable decides). A context variable, so threads and
-# asyncio tasks each see their own selection.
-_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("olmo2_kernels_backend", default=None)
+# The stack of ``use_backend`` selections, one per thread (empty: the
+# environment variable decides). Thread-local rather than a ContextVar: Dynamo
+# (torch 2.13) traces a thread-local read and guards on it, so a function
+# compiled with fullgraph=True sees the selection and recompiles when it
+# changes, while it cannot trace ContextVar.get at all. asyncio tasks of one
+# thread therefore share the selection: select inside a task around code that
+# does not await.
+_local = threading.local()
+
+
+def _selection_stack() -> list[str]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
 
 # Ops whose Triton kernels are defined, filled by the op modules at import.
 _TRITON_OPS: set[str] = set()
@@ -72,9 +83,9 @@ def _check_choice(name: str, source: str) -> str:
 
 def requested() -> str:
     """The backend currently requested (possibly ``auto``)."""
-    selected = _selected.get()
-    if selected is not None:
-        return selected
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
     return _check_choice(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
 
 
@@ -85,11 +96,12 @@ def use_backend(name: str) -> Iterator[None]:
     >>> with olmo2_kernels.use_backend("triton"):
     ...     y = olmo2_kernels.rms_norm(x, w)
     """
-    token = _selected.set(_check_choice(name, "use_backend(name)"))
+    stack = _selection_stack()
+    stack.append(_check_choice(name, "use_backend(name)"))
     try:
         yield
     finally:
-        _selected.reset(token)
+        stack.pop()
 
 
 _triton_import_error: str | None = None

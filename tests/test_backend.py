@@ -36,9 +36,8 @@ def test_use_backend_nests_and_restores():
     assert _backend.requested() == outer
 
 
-def test_use_backend_is_per_thread_and_per_task():
-    """A selection in one thread or asyncio task is not seen by another running meanwhile."""
-    import asyncio
+def test_use_backend_is_per_thread():
+    """A selection in one thread is not seen by another running meanwhile."""
     import threading
 
     outer = _backend.requested()
@@ -57,19 +56,27 @@ def test_use_backend_is_per_thread_and_per_task():
     release.set()
     thread.join(10)
     assert seen == {"worker": "torch", "main": outer}
-
-    async def task(name, started, other_started):
-        with olmo2_kernels.use_backend(name):
-            started.set()
-            await other_started.wait()
-            return _backend.requested()
-
-    async def both():
-        a, b = asyncio.Event(), asyncio.Event()
-        return await asyncio.gather(task("torch", a, b), task("cpu", b, a))
-
-    assert asyncio.run(both()) == ["torch", "cpu"]
     assert _backend.requested() == outer
+
+
+def test_compiled_function_follows_the_selection():
+    """torch.compile(fullgraph=True) traces the selection and recompiles when it changes."""
+    calls = []
+    real = _backend.resolve
+
+    def resolve(op, device, dtype):
+        calls.append(_backend.requested())
+        return real(op, device, dtype)
+
+    x, w = torch.randn(3, 8), torch.randn(8)
+    fn = torch.compile(lambda x: olmo2_kernels.rms_norm(x, w), fullgraph=True, backend="eager")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_backend, "resolve", resolve)
+        with olmo2_kernels.use_backend("torch"):
+            torch.testing.assert_close(fn(x), olmo2_kernels.reference.rms_norm(x, w, 1e-6))
+        with olmo2_kernels.use_backend("cpu" if _backend.unavailable_reason("cpu", "cpu") is None else "auto"):
+            fn(x)
+    assert calls[0] == "torch" and calls[-1] != "torch"
 
 
 def test_use_backend_rejects_unknown_name():
