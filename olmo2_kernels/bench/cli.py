@@ -79,19 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--presets", type=_csv, default=list(GPU_PRESETS),
                    help="model presets (olmo2.config.PRESETS, '1b' = 'olmo2-1b') whose training shapes run on GPU "
                         f"(default: {','.join(GPU_PRESETS)}; CPU runs use {CPU_PRESET})")
+    k.add_argument("--tokens", type=int, default=None,
+                   help="tokens (rows) of every case instead of the presets' counts: one shape per op and preset "
+                        "(a time-bounded run)")
     k.add_argument("--name", default="kernels", help="results file stem: <out>/<name>.json")
     k.add_argument("--budget", type=float, default=None, help="seconds of timed calls per measurement")
     k.add_argument("--dry-run", action="store_true", help="print the plan and why anything is skipped; run nothing")
 
     m = sub.add_parser("model", help="forward+backward steps of an OLMo 2 model: our kernels vs eager, compile, transformers")
     _add_common(m)
-    from .model import IMPL_NAMES
+    from .model import ATTN_CHOICES, IMPL_NAMES
 
     m.add_argument("--preset", default=None, help="model preset (default: 1b on GPU, tiny on CPU)")
     m.add_argument("--seq-len", type=int, default=None, help="default: 4096 on GPU, 128 on CPU")
     m.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 4 on GPU, 2 on CPU)")
     m.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on GPU, 5 on CPU, 3 --quick)")
     m.add_argument("--impls", type=_choices("--impls", IMPL_NAMES), default=list(IMPL_NAMES))
+    m.add_argument("--attn-backend", choices=ATTN_CHOICES, default="sdpa",
+                   help="attention of every implementation: sdpa (torch picks the kernel), sdpa-flash (SDPA's "
+                        "FlashAttention kernel only), flash_attn (the flash-attn package), eager (default: sdpa)")
     m.add_argument("--name", default="model")
 
     r = sub.add_parser("report", help="print the tables of result files and redraw their plots")
@@ -137,7 +143,7 @@ def cmd_kernels(args) -> int:
     _apply_threads(args)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
-        cases = plan(device.type, ops=args.ops, presets=args.presets, quick=args.quick)
+        cases = plan(device.type, ops=args.ops, presets=args.presets, quick=args.quick, tokens=args.tokens)
     except ValueError as exc:
         raise SystemExit(f"olmo2-bench: {exc}") from None
     impl_names = list(args.backends)
@@ -166,6 +172,7 @@ def cmd_kernels(args) -> int:
             "ops": list(args.ops),
             "backends": impl_names,
             "presets": [canonical_preset(p) for p in args.presets] if device.type == "cuda" else [CPU_PRESET],
+            "tokens": args.tokens,
             "seed": args.seed,
             "timing": vars(timing),
             "impl_descriptions": {n: IMPLS[n].description for n in impl_names},

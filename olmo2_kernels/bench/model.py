@@ -8,8 +8,16 @@ Implementations, all on the same weights and batch:
 * ``compile``: ``torch.compile`` (default inductor) of the eager model.
 * ``kernels+compile``: ``torch.compile`` of the model with the kernels (they
   are custom ops, so the compiler keeps them and fuses what is between).
-* ``transformers``: ``transformers.Olmo2ForCausalLM`` (sdpa attention) with
+* ``transformers``: ``transformers.Olmo2ForCausalLM`` (attention as below) with
   the weights copied over; its loss has no z-loss.
+
+Attention (``--attn-backend``), the same for every implementation: ``sdpa``
+(``scaled_dot_product_attention``, torch picks its kernel), ``sdpa-flash``
+(SDPA restricted to its FlashAttention kernel with
+``torch.nn.attention.sdpa_kernel``), ``flash_attn`` (the flash-attn package:
+our model's ``attn_backend="flash_attn"``, transformers'
+``flash_attention_2``; every row skipped when it is not importable) or
+``eager`` (our fp32 spec attention; transformers' eager).
 
 A step is ``model(input_ids, labels=...).loss.backward()`` with gradients
 set to None before each step, outside the timed region; no optimizer.
@@ -20,7 +28,9 @@ tokens, so these agree to rounding), and peak memory.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import importlib
 import time
 import traceback
 
@@ -30,12 +40,16 @@ from . import harness, report
 from .specs import Z_LOSS, canonical_preset
 
 IMPL_NAMES = ("kernels", "eager", "compile", "kernels+compile", "transformers")
+ATTN_CHOICES = ("sdpa", "sdpa-flash", "flash_attn", "eager")
+# attention implementation per --attn-backend: (ours, transformers')
+_ATTN_IMPLS = {"sdpa": ("sdpa", "sdpa"), "sdpa-flash": ("sdpa", "sdpa"),
+               "flash_attn": ("flash_attn", "flash_attention_2"), "eager": ("eager", "eager")}
 DESCRIPTIONS = {
     "kernels": "olmo2.Olmo2ForCausalLM, backend auto (fused kernels where available)",
     "eager": "olmo2.Olmo2ForCausalLM under use_backend('torch'): eager PyTorch ops",
     "compile": "torch.compile (inductor) of olmo2.Olmo2ForCausalLM under use_backend('torch')",
     "kernels+compile": "torch.compile (inductor) of olmo2.Olmo2ForCausalLM with the fused kernels",
-    "transformers": "transformers.Olmo2ForCausalLM, sdpa attention, same weights; loss without z-loss",
+    "transformers": "transformers.Olmo2ForCausalLM, attention per --attn-backend, same weights; loss without z-loss",
 }
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), by device-name substring,
@@ -93,16 +107,19 @@ def run_model_benchmark(args, device: torch.device) -> dict:
 
     dtype = DTYPES[dtype_name]
     cfg = _defaults(args, device)
+    attn = getattr(args, "attn_backend", None) or "sdpa"
+    if attn not in ATTN_CHOICES:
+        raise ValueError(f"attn_backend must be one of {ATTN_CHOICES}, got {attn!r}")
     doc = {
         "schema": report.SCHEMA_VERSION,
         "kind": "model",
         "env": report.environment(device),
         "config": {**cfg, "dtype": str(dtype).replace("torch.", ""), "quick": args.quick, "seed": args.seed,
-                   "z_loss_coef": Z_LOSS, "impls": list(args.impls),
+                   "z_loss_coef": Z_LOSS, "impls": list(args.impls), "attn_backend": attn,
                    "impl_descriptions": {n: DESCRIPTIONS[n] for n in args.impls}},
         "rows": [],
     }
-    missing = _missing_model()
+    missing = _missing_model() or (_missing_flash_attn() if attn == "flash_attn" else None)
     if missing:
         print(f"[bench] model benchmark skipped: {missing}")
         doc["rows"] = [{"impl": n, "status": "skipped", "reason": missing} for n in args.impls]
@@ -111,16 +128,17 @@ def run_model_benchmark(args, device: torch.device) -> dict:
     from olmo2 import Olmo2ForCausalLM
     from olmo2.config import Olmo2Config, flops_per_token
 
-    model_cfg = Olmo2Config.preset(cfg["preset"])
+    overrides = {"attn_backend": _ATTN_IMPLS[attn][0]}
+    model_cfg = Olmo2Config.preset(cfg["preset"], **overrides)
     if cfg["seq_len"] > model_cfg.max_position_embeddings:
-        model_cfg = Olmo2Config.preset(cfg["preset"], max_position_embeddings=cfg["seq_len"])
+        model_cfg = Olmo2Config.preset(cfg["preset"], max_position_embeddings=cfg["seq_len"], **overrides)
     ceilings = harness.measure_ceilings(device, dtype)
     peak, peak_source = peak_flops(device, dtype, ceilings.get("matmul_TFLOPs"))
     fpt = flops_per_token(model_cfg, cfg["seq_len"])
     doc.update(ceilings=ceilings, peak_flops=peak, peak_flops_source=peak_source, flops_per_token=fpt,
                model_config=model_cfg.to_dict(), num_parameters=None)
     print(f"[bench] model {cfg['preset']} batch {cfg['batch_size']} x {cfg['seq_len']} {dtype} on "
-          f"{report.device_name(device)}; MFU against {peak_source}")
+          f"{report.device_name(device)}, attention {attn}; MFU against {peak_source}")
 
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
@@ -151,9 +169,11 @@ def run_model_benchmark(args, device: torch.device) -> dict:
                 ours = Olmo2ForCausalLM.from_config(model_cfg, device=device, dtype=dtype, generator=init)
                 ours.train()
                 doc["num_parameters"] = ours.num_parameters()
-            model, backend, note = _variant(impl, ours, model_cfg, device, dtype, olmo2_kernels)
+            model, backend, note = _variant(impl, ours, model_cfg, device, dtype, olmo2_kernels, attn)
             row["note"] = note
-            _measure(row, model, backend, input_ids, labels, tokens, fpt, peak, ceilings, device, timing, olmo2_kernels)
+            row["attn_backend"] = attn
+            _measure(row, model, backend, input_ids, labels, tokens, fpt, peak, ceilings, device, timing, olmo2_kernels,
+                     attn)
         except Exception as exc:  # noqa: BLE001
             oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
             if oom:
@@ -179,7 +199,24 @@ def run_model_benchmark(args, device: torch.device) -> dict:
     return doc
 
 
-def _variant(impl, ours, model_cfg, device, dtype, olmo2_kernels):
+def _missing_flash_attn() -> str | None:
+    try:
+        importlib.import_module("flash_attn")
+    except Exception as exc:  # noqa: BLE001
+        return f"--attn-backend flash_attn: flash_attn not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _attention_context(attn: str):
+    """SDPA restricted to its FlashAttention kernel for ``sdpa-flash``; else nothing."""
+    if attn != "sdpa-flash":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+
+
+def _variant(impl, ours, model_cfg, device, dtype, olmo2_kernels, attn="sdpa"):
     """(callable model, backend name for use_backend, note)."""
     if impl == "kernels":
         chosen = {op: olmo2_kernels._backend.resolve_auto_name(device.type, op) for op in _OPS}
@@ -197,13 +234,13 @@ def _variant(impl, ours, model_cfg, device, dtype, olmo2_kernels):
         import transformers
 
         hf_cfg = transformers.Olmo2Config.from_dict(model_cfg.to_hf())
-        hf_cfg._attn_implementation = "sdpa"
+        hf_cfg._attn_implementation = _ATTN_IMPLS[attn][1]
         with torch.device(device):
             hf = transformers.Olmo2ForCausalLM(hf_cfg)
         hf.to(dtype)
         hf.load_state_dict(ours.state_dict(), strict=True)
         hf.train()
-        return _HFWrapper(hf), "torch", f"transformers {transformers.__version__}"
+        return _HFWrapper(hf), "torch", f"transformers {transformers.__version__}, {hf_cfg._attn_implementation} attention"
     raise ValueError(f"model impl must be one of {IMPL_NAMES}, got {impl!r}")
 
 
@@ -225,7 +262,8 @@ class _HFWrapper:
         self.hf.zero_grad(set_to_none=set_to_none)
 
 
-def _measure(row, model, backend, input_ids, labels, tokens, fpt, peak, ceilings, device, timing, olmo2_kernels):
+def _measure(row, model, backend, input_ids, labels, tokens, fpt, peak, ceilings, device, timing, olmo2_kernels,
+             attn="sdpa"):
     zero = model.zero_grad
     first_loss = {}
 
@@ -233,7 +271,7 @@ def _measure(row, model, backend, input_ids, labels, tokens, fpt, peak, ceilings
         zero(set_to_none=True)
 
     def step(_):
-        with olmo2_kernels.use_backend(backend):
+        with olmo2_kernels.use_backend(backend), _attention_context(attn):
             out = model(input_ids, labels=labels, z_loss_coef=Z_LOSS)
         if not first_loss:
             first_loss["loss"] = out.loss.detach()

@@ -269,7 +269,8 @@ def format_model_table(doc: dict) -> str:
     head = (
         f"device: {env['device']} | torch {env['torch']} | commit {(env['git'].get('commit') or 'unknown')[:12]}"
         f" | {env['date']}\nmodel {cfg['preset']}: batch {cfg['batch_size']} x seq {cfg['seq_len']}, "
-        f"{cfg['dtype']}, forward+backward per step; MFU against {doc.get('peak_flops_source', 'n/a')}"
+        f"{cfg['dtype']}, attention {cfg.get('attn_backend', 'sdpa')}, forward+backward per step; "
+        f"MFU against {doc.get('peak_flops_source', 'n/a')}"
     )
     lines = []
     for r in doc["rows"]:

@@ -174,6 +174,10 @@ class OpSpec:
         """The x-axis of plots: elements of the main input."""
         return math.prod(dims.values())
 
+    def with_tokens(self, dims: dict, tokens: int) -> dict:
+        """``dims`` with ``tokens`` rows (tokens) in place of the preset's count."""
+        return {**dims, self.rows_dim: tokens} if self.rows_dim else dict(dims)
+
     def numerics_dims(self, dims: dict) -> dict:
         """``dims`` with the row dim shortened until the float64 reference fits."""
         if not self.rows_dim:
@@ -235,6 +239,11 @@ class QKNormRopeSpec(OpSpec):
 
     def size(self, dims):
         return dims["batch"] * dims["seq"] * (dims["q_heads"] + dims["kv_heads"]) * dims["head_dim"]
+
+    def with_tokens(self, dims, tokens):
+        # whole sequences of the preset's length; fewer tokens make one shorter sequence
+        seq = min(dims["seq"], tokens)
+        return {**dims, "batch": max(1, tokens // seq), "seq": seq}
 
     def make_inputs(self, dims, dtype, device, seed):
         from olmo2_kernels import rope_cos_sin
@@ -419,12 +428,16 @@ SPECS: dict[str, OpSpec] = {
 OPS = tuple(SPECS)
 
 
-def plan(device_type: str, ops=OPS, presets=GPU_PRESETS, quick: bool = False) -> list[Case]:
+def plan(device_type: str, ops=OPS, presets=GPU_PRESETS, quick: bool = False, tokens: int | None = None) -> list[Case]:
     """The cases to run, in order: every op of ``ops`` on its shapes.
 
     On GPU the shapes are the training shapes of the model ``presets``; on CPU
     the small :data:`CPU_PRESET` layout with few tokens (fewer with ``quick``).
+    ``tokens`` replaces every case's token (row) count with one number, so a
+    run has one shape per op and preset (a time-bounded run).
     """
+    if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"tokens must be a positive int, got {tokens!r}")
     presets = tuple(canonical_preset(p) for p in presets)
     for p in presets:
         layout(p)  # an unknown preset fails here, by name
@@ -432,7 +445,11 @@ def plan(device_type: str, ops=OPS, presets=GPU_PRESETS, quick: bool = False) ->
     for op in ops:
         if op not in SPECS:
             raise ValueError(f"ops must be among {OPS}, got {op!r}")
-        cases.extend(SPECS[op].cases(device_type, tuple(presets), quick))
+        op_cases = SPECS[op].cases(device_type, tuple(presets), quick)
+        if tokens is not None:
+            op_cases = [Case(c.op, c.preset, tuple(SPECS[op].with_tokens(c.d, tokens).items())) for c in op_cases]
+            op_cases = list(dict.fromkeys(op_cases))  # several token counts became one
+        cases.extend(op_cases)
     return cases
 
 
