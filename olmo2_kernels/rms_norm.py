@@ -10,11 +10,13 @@ computes ``dx`` row by row and the weight gradient as fp32 partial sums, one per
 program over a contiguous block of rows, summed in a second pass: no atomics,
 no bf16 accumulation.
 
-Tiling (sm_90, bf16, registers per thread from ptxas; `scripts/aot_check.py`):
-the forward gives each thread 8 elements of the row, the backward 4, up to 32
-warps. At 4096 columns (7B) the backward takes 32 warps and 32 registers (100%
-occupancy), where 8 warps took 128 (25%); at 5120 (13B/32B, an 8192 block) 32
-warps and 59 registers (50%), where 8 warps took 218 (one block per SM).
+Tiling (bf16, 8192 tokens, registers per thread from ptxas with the
+specializations of a real launch: `python scripts/aot_check.py`): the forward
+gives each thread 8 elements of the row, the backward 4, up to 32 warps. The
+backward at 4096 columns (7B) takes 32 warps and 50 registers on sm_90 (50%
+occupancy; 32 and 100% on sm_80) where 8 warps took 126 (25%); at 5120 (13B/
+32B, an 8192 block) 32 warps and 55 registers (50%) where 8 warps took 214-226
+(12.5%, one block per SM).
 """
 from __future__ import annotations
 
