@@ -50,21 +50,33 @@ def _is_int(value: object) -> bool:
 class Olmo2Config:
     """Architecture of an OLMo 2 model (defaults: the 7B)."""
 
+    # Embedding rows (the tokenizer's ids, padded to a multiple of 128).
     vocab_size: int = 100352
+    # Width of the residual stream.
     hidden_size: int = 4096
+    # Width of the SwiGLU MLP.
     intermediate_size: int = 11008
+    # Decoder blocks.
     num_hidden_layers: int = 32
+    # Query heads.
     num_attention_heads: int = 32
-    # None: as many kv heads as heads (no GQA).
+    # Key/value heads; None: as many as query heads (no GQA).
     num_key_value_heads: int | None = None
-    # None: hidden_size // num_attention_heads.
+    # Width of a head; None: hidden_size // num_attention_heads.
     head_dim: int | None = None
+    # Longest sequence (size of the RoPE table).
     max_position_embeddings: int = 4096
+    # RoPE base.
     rope_theta: float = 500_000.0
+    # Epsilon of every RMSNorm.
     rms_norm_eps: float = 1e-6
+    # Std of the truncated-normal initialization.
     initializer_range: float = 0.02
+    # Padding id (None: none).
     pad_token_id: int | None = 100277
+    # End-of-sequence id (None: none).
     eos_token_id: int | None = 100257
+    # Beginning-of-sequence id (OLMo 2: none).
     bos_token_id: int | None = None
     # "sdpa" (torch's scaled_dot_product_attention), "flash_attn" (the
     # flash-attn package) or "eager" (the fp32 matmul + softmax spec).

@@ -198,7 +198,7 @@ def test_cli_dry_run_prints_resolved_config(tmp_path, capsys):
     assert "warmup 2000 steps" in out
     assert not any(tmp_path.iterdir())  # nothing written
     assert main(["--optim.lr=oops", "--dry-run"]) == 2
-    assert "optim.lr must be a number, got 'oops'" in capsys.readouterr().err
+    assert "optim.lr: Value 'oops' of type 'str' could not be converted to Float" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
 
 

@@ -1,9 +1,10 @@
-"""TrainConfig: presets as published, YAML + --key=value overrides, errors, round trip."""
+"""TrainConfig: presets as published, YAML + --key=value overrides merged by OmegaConf, errors, round trip, --help."""
 from pathlib import Path
 
 import pytest
 
-from olmo2.train.config import PRESETS, ConfigError, TrainConfig, parse_args, parse_overrides, resolve
+from olmo2.cli.train import main, parse_args
+from olmo2.train.config import PRESETS, ConfigError, TrainConfig, parse_overrides, resolve
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 
@@ -69,11 +70,13 @@ def test_round_trip_through_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--optim.lr=fast"], "optim.lr must be a number, got 'fast'"),
-    (["--nope=1"], r"unknown key\(s\) \['nope'\]"),
-    (["--optim.nope=1"], r"optim: unknown key\(s\) \['nope'\]"),
-    (["--model.layers=2"], r"model: unknown field\(s\) \['layers'\]"),
-    (["--model.preset=olmo2-huge"], "preset: name must be one of"),
+    (["--optim.lr=fast"], "optim.lr: Value 'fast' of type 'str' could not be converted to Float"),
+    (["--nope=1"], "nope: Key 'nope' not in 'TrainConfig'"),
+    (["--optim.nope=1"], "optim.nope: Key 'nope' not in 'OptimConfig'"),
+    (["--model.layers=2"], "model.layers: Key 'layers' not in 'Olmo2Config'"),
+    (["--model.hidden_size=-8"], "model: Olmo2Config: hidden_size must be a positive int"),
+    (["--model.preset=olmo2-huge"], "model.preset must be one of"),
+    (["--max_steps=1.5"], "max_steps: Value '1.5' of type 'float' could not be converted to Integer"),
     (["--preset=huge"], "preset must be one of"),
     (["--global_batch_tokens=1000"], r"global_batch_tokens \(1000\) must be a multiple of data.seq_len \(128\)"),
     (["--micro_batch_tokens=1536"], r"must be a multiple of micro_batch_tokens \(1536\)"),
@@ -83,13 +86,14 @@ def test_round_trip_through_yaml(tmp_path):
     (["--max_steps=0"], "max_steps must be an int >= 1, got 0"),
     (["--data.sources=[{weight: 1}]"], "paths must list at least one token file"),
     (["--data.sources=[{paths: [a], dtype: int64}]"], "dtype must be 'uint32' or 'uint16'"),
-    (["--parallel.compile=maybe"], "parallel.compile must be true or false"),
+    (["--parallel.compile=maybe"], "parallel.compile: Value 'maybe' is not a valid bool"),
     (["max_steps=3"], "must look like --key=value"),
     (["--kernel_backend=fast"], "kernel_backend must be one of"),
 ])
 def test_errors_name_the_key(args, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         resolve(overrides=args)
+    assert "\n" not in str(info.value)  # one line
 
 
 def test_grad_accum_for_world_size():
@@ -107,3 +111,38 @@ def test_parse_overrides_nesting():
 def test_shipped_configs_resolve(path):
     cfg = resolve(config_file=path)
     assert cfg.preset in PRESETS
+
+
+def test_one_source_of_defaults():
+    """The dataclass defaults are the default run: the tiny preset changes nothing, and
+    configs/tiny.yaml only names it."""
+    assert PRESETS["tiny"] == {}
+    assert resolve() == TrainConfig()
+    assert resolve(config_file=Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml") == TrainConfig()
+
+
+def test_model_preset_fields_follow_overrides():
+    """head_dim is left to the preset's sizes: overriding hidden_size recomputes it."""
+    assert resolve(overrides=["--model.hidden_size=512"]).model.head_dim == 128
+    cfg = resolve(overrides=["--model.preset=olmo2-test", "--model.num_hidden_layers=3"])
+    assert (cfg.model.hidden_size, cfg.model.num_hidden_layers, cfg.model.num_key_value_heads) == (64, 3, 2)
+
+
+def test_help_lists_every_key_with_default_and_doc(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: olmo2-train")
+    assert "--optim.lr=0.003" in out and "Peak learning rate." in out
+    assert "--model.hidden_size=256" in out and "Width of the residual stream." in out
+    assert "--data.sources[].weight=1.0" in out and "--dry-run" in out
+    for line in out.splitlines():
+        if line.startswith("  --") and "=" in line.split()[0]:
+            assert len(line.split(None, 1)) == 2, f"undocumented key: {line}"
+    assert main(["--preset=olmo2-7b", "-h"]) == 0
+    assert "--model.hidden_size=4096" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert main(["--optim.nope=1", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == "olmo2-train: optim.nope: Key 'nope' not in 'OptimConfig'\n"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from olmo2.train.config import TrainConfig, deep_merge, resolve
+from omegaconf import OmegaConf
+
+from olmo2.train.config import TrainConfig, resolve
 
 EOS = 256
 SPACE = 32
@@ -44,16 +46,12 @@ def make_config(tmp_path: Path, data: Path | list | None = None, **overrides) ->
         if not data.exists():
             synthetic_tokens(data)
     sources = data if isinstance(data, list) else [{"paths": [str(data)]}]
-    values: dict = {"out_dir": str(tmp_path / "runs"), "data": {"sources": sources}}
+    layers = [OmegaConf.create({"out_dir": str(tmp_path / "runs"), "data": {"sources": sources}})]
     for key, value in overrides.items():
-        node: dict = {}
-        cursor = node
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cursor = cursor.setdefault(part, {})
-        cursor[parts[-1]] = value
-        values = deep_merge(values, node)
-    return resolve(preset="test", overrides=values)
+        layer = OmegaConf.create()
+        OmegaConf.update(layer, key, value)
+        layers.append(layer)
+    return resolve(preset="test", overrides=OmegaConf.merge(*layers))
 
 
 def params(model) -> dict:

@@ -1,15 +1,22 @@
-"""Trainer configuration: typed dataclasses, named presets, YAML files and
-dotted ``--key=value`` overrides.
+"""Trainer configuration: typed dataclasses merged by OmegaConf.
 
-Resolution order (later wins): the dataclass defaults, the preset (``preset``
-key; ``tiny`` unless a file or the command line names another), the YAML file
-(``--config``), then ``--key=value`` overrides (``--optim.lr=1e-3``,
-``--model.num_hidden_layers=2``, ``--data.sources='[{paths: [a.npy], weight: 0.7}]'``;
-values are read as YAML, then converted to the field's type). The ``model``
-section is an :class:`olmo2.Olmo2Config`: ``model.preset`` names a model preset,
-the other keys override its fields. The resolved config (model fully spelled
-out) is what :meth:`TrainConfig.to_dict` returns and what every checkpoint
-stores.
+The schema is the dataclasses below; their defaults are the default run
+(``olmo2-train`` with no arguments: the ``olmo2-tiny`` model on the built-in
+corpus), so they are the one source of default values. A named preset
+(:data:`PRESETS`, the ``preset`` key) holds only what differs from them.
+
+Resolution (later wins), merged by ``OmegaConf.merge`` over
+``OmegaConf.structured(TrainConfig)``: the defaults, the preset, the YAML file
+(``--config``), then dotted ``--key=value`` overrides (``OmegaConf.from_dotlist``:
+``--optim.lr=1e-3``, ``--model.num_hidden_layers=2``,
+``--data.sources='[{paths: [a.npy], weight: 0.7}]'``). The library converts
+values to the field types and rejects unknown keys and wrong types naming the
+dotted key; ``__post_init__`` of each section checks the values. The
+``model`` section is an :class:`olmo2.Olmo2Config`: ``model.preset`` names a
+model preset, the other keys override its fields. The resolved config (model
+fully spelled out) is what :meth:`TrainConfig.to_dict` returns and what every
+checkpoint stores. ``olmo2-train --help`` lists every key with its default and
+the comment above its field (:func:`options_help`).
 
 Units: batch sizes are in tokens, like OLMo-core (``global_batch_tokens``: the
 whole optimizer step over all ranks and micro-batches; ``micro_batch_tokens``:
@@ -19,18 +26,20 @@ counts (``max_steps``, warmup, decay horizon) are optimizer steps.
 from __future__ import annotations
 
 import dataclasses
-import math
+import inspect
 import os
-import sys
-import types
+import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import olmo2_kernels
 
+from ..config import PRESETS as MODEL_PRESETS
 from ..config import Olmo2Config
 from .optim import SCHEDULES
 
@@ -38,6 +47,8 @@ PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_BACKENDS = ("auto", *olmo2_kernels.BACKENDS)
+# The model of the default run.
+DEFAULT_MODEL_PRESET = "olmo2-tiny"
 
 
 class ConfigError(ValueError):
@@ -49,11 +60,13 @@ class ConfigError(ValueError):
 class SourceConfig:
     """One token source of the data mix."""
 
-    # Token files or glob patterns (headerless uint32/uint16 arrays).
+    # Token files or glob patterns (headerless uint32/uint16 arrays); one path may be given as a string.
     paths: list[str] = field(default_factory=list)
     # Relative share of training instances (normalized over sources).
     weight: float = 1.0
+    # Token id type of the files: uint32 or uint16.
     dtype: str = "uint32"
+    # Name in logs (default: the first file's name).
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -69,16 +82,18 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    # Training mix. Empty: the built-in corpus (the Python standard library's
-    # source, byte tokens; see olmo2.train.corpus.stdlib_corpus).
+    # Training mix (a list of {paths, weight, dtype, name}). Empty: the built-in corpus
+    # (the Python standard library's source as byte tokens; olmo2.train.corpus).
     sources: list[SourceConfig] = field(default_factory=list)
     # Held-out evaluation token files (built-in corpus: its validation split).
     eval_paths: list[str] = field(default_factory=list)
+    # Token id type of the evaluation files.
     eval_dtype: str = "uint32"
-    seq_len: int = 256
+    # Tokens per training instance.
+    seq_len: int = 128
     # Seed of the data order (independent of the model-init seed).
     seed: int = 0
-    # Where the built-in corpus is cached (default $OLMO2_CACHE_DIR or ~/.cache/olmo2).
+    # Where the built-in corpus is cached (None: $OLMO2_CACHE_DIR or ~/.cache/olmo2).
     cache_dir: str | None = None
     # Check sampled token ids against the vocabulary when opening files.
     check_token_ids: bool = True
@@ -93,14 +108,20 @@ class DataConfig:
 class OptimConfig:
     # Peak learning rate. None: continue from the init_from checkpoint's last
     # learning rate (stage 2 annealing).
-    lr: float | None = 4e-4
+    lr: float | None = 3e-3
+    # AdamW betas.
     betas: tuple[float, float] = (0.9, 0.95)
+    # AdamW epsilon (OLMo 2: 1e-8).
     eps: float = 1e-8
+    # Decoupled weight decay of the decayed group.
     weight_decay: float = 0.1
+    # Decay the input embedding too (OLMo 2: no).
     embedding_weight_decay: bool = False
+    # Decay the RMSNorm weights too (OLMo 2: yes).
     norm_weight_decay: bool = True
     # Global-norm gradient clipping; 0 disables.
     max_grad_norm: float = 1.0
+    # Coefficient of the z-loss, logsumexp(logits)^2 per token.
     z_loss_coef: float = 1e-5
     # Fused CUDA AdamW; None: fused when the parameters are on a GPU.
     fused: bool | None = None
@@ -120,10 +141,12 @@ class OptimConfig:
 class ScheduleConfig:
     # "cosine", "linear" or "constant" after a linear warmup.
     name: str = "cosine"
-    warmup_steps: int = 0
+    # Steps of linear warmup from 0 to the peak.
+    warmup_steps: int = 20
     # Horizon of the decay in steps (the LR reaches final_lr_ratio * peak
     # there). None: max_steps. Longer than max_steps: a truncated schedule.
     decay_steps: int | None = None
+    # Learning rate at the end of the decay, as a fraction of the peak.
     final_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
@@ -140,9 +163,13 @@ class ScheduleConfig:
 class SpikeConfig:
     """Skip the step when loss or grad norm exceeds the rolling mean by > sigma std."""
 
+    # Skip optimizer steps whose loss or gradient norm is a spike.
     enabled: bool = True
+    # Rolling window of past values (OLMo-core: 128).
     window: int = 128
+    # Values needed before a step is judged (OLMo-core: 64).
     min_history: int = 64
+    # Standard deviations above the rolling mean that make a spike.
     sigma: float = 6.0
 
     def __post_init__(self) -> None:
@@ -164,7 +191,7 @@ class ParallelConfig:
     compile: bool = False
     # "auto": bf16 on GPU (FSDP2 mixed precision, else autocast), fp32 on CPU.
     precision: str = "auto"
-    # FSDP2 gradient reduction dtype.
+    # FSDP2 gradient reduction in fp32.
     reduce_fp32: bool = True
 
     def __post_init__(self) -> None:
@@ -177,9 +204,10 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     # Save every this many steps (0: only at the end).
-    interval: int = 0
+    interval: int = 100
     # Keep the newest K checkpoints (0: all).
     keep_last: int = 2
+    # Save a checkpoint after the last step.
     save_final: bool = True
     # Also write the final weights in Hugging Face format to <run_dir>/hf.
     export_hf: bool = True
@@ -189,13 +217,20 @@ class CheckpointConfig:
         _positive_int("checkpoint.keep_last", self.keep_last, minimum=0)
 
 
+def _default_model() -> Olmo2Config:
+    return Olmo2Config.preset(DEFAULT_MODEL_PRESET)
+
+
 @dataclass
 class TrainConfig:
+    # Training preset applied over these defaults (see PRESETS).
     preset: str = "tiny"
+    # Name of the run folder.
     run_name: str = "olmo2-tiny"
     # Runs live in <out_dir>/<run_name> (checkpoints, metrics.jsonl, hf/).
     out_dir: str = "runs"
-    model: Olmo2Config = field(default_factory=lambda: Olmo2Config.preset("olmo2-tiny"))
+    # The architecture (olmo2.Olmo2Config); model.preset names a model preset.
+    model: Olmo2Config = field(default_factory=_default_model)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -203,29 +238,35 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # Tokens per optimizer step over all ranks and micro-batches.
-    global_batch_tokens: int = 16 * 256
+    global_batch_tokens: int = 16 * 128
     # Tokens per forward/backward on one rank (gradient accumulation makes up the rest).
-    micro_batch_tokens: int = 16 * 256
-    max_steps: int = 100
+    micro_batch_tokens: int = 16 * 128
+    # Optimizer steps of the run.
+    max_steps: int = 200
     # Seed of model init (and of torch/numpy/python RNGs).
     seed: int = 0
     # "auto" (cuda when available), "cpu" or "cuda".
     device: str = "auto"
     # olmo2_kernels backend for this run ("auto", "torch", "triton", "cuda", "cpu").
     kernel_backend: str = "auto"
+    # Write metrics every N steps.
     log_interval: int = 1
-    # Evaluate on data.eval_paths every N steps (0: never) over eval_batches global batches.
-    eval_interval: int = 0
+    # Evaluate on data.eval_paths every N steps (0: never).
+    eval_interval: int = 50
+    # Global batches per evaluation.
     eval_batches: int = 4
     # Start a new stage from this trainer checkpoint (folder, or a run's
     # checkpoints folder to take its latest): weights, and the optimizer state
     # when init_from_optimizer; step, data order and schedule start afresh.
     init_from: str | None = None
+    # With init_from: also load the optimizer state.
     init_from_optimizer: bool = True
     # "auto": continue from <run_dir>/checkpoints/latest if there is one;
     # "never"; or a checkpoint folder.
     resume: str = "auto"
+    # Show a progress bar.
     progress: bool = True
+    # Also log to TensorBoard (when installed).
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -339,36 +380,26 @@ def _published(model: str, batch_instances: int, lr: float, micro_instances: int
         "parallel": {"strategy": "auto", "activation_checkpointing": activation_checkpointing},
         "checkpoint": {"interval": 1000, "keep_last": 3},
         "log_interval": 1,
+        "eval_interval": 0,
     }
 
 
+# What each preset changes from the dataclass defaults (which are the "tiny" run).
 PRESETS: dict[str, dict[str, Any]] = {
     # The default: a few minutes on 2 CPU cores on the built-in corpus.
-    "tiny": {
-        "run_name": "olmo2-tiny",
-        "model": {"preset": "olmo2-tiny", "eos_token_id": 256, "pad_token_id": 257},
-        "data": {"seq_len": 128},
-        "global_batch_tokens": 16 * 128,
-        "micro_batch_tokens": 16 * 128,
-        "max_steps": 200,
-        "optim": {"lr": 3e-3},
-        "schedule": {"name": "cosine", "warmup_steps": 20, "final_lr_ratio": 0.1},
-        "spike": {"window": 128, "min_history": 64},
-        "checkpoint": {"interval": 100, "keep_last": 2},
-        "eval_interval": 50,
-        "eval_batches": 4,
-    },
+    "tiny": {},
     # Unit tests: seconds.
     "test": {
         "run_name": "olmo2-test",
-        "model": {"preset": "olmo2-test", "eos_token_id": 256, "pad_token_id": 257},
+        "model": {"preset": "olmo2-test"},
         "data": {"seq_len": 32},
         "global_batch_tokens": 4 * 32,
         "micro_batch_tokens": 2 * 32,
         "max_steps": 8,
         "optim": {"lr": 1e-2},
-        "schedule": {"name": "cosine", "warmup_steps": 1, "final_lr_ratio": 0.1},
-        "checkpoint": {"interval": 0, "keep_last": 2, "export_hf": False},
+        "schedule": {"warmup_steps": 1},
+        "checkpoint": {"interval": 0, "export_hf": False},
+        "eval_interval": 0,
         "progress": False,
         "tensorboard": False,
     },
@@ -394,201 +425,173 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
         raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def deep_merge(base: dict, update: dict) -> dict:
-    """``update`` over ``base``, recursively for dicts; lists and scalars replace."""
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
+def _library_error(exc: OmegaConfBaseException) -> ConfigError:
+    """OmegaConf's error as one line that starts with the dotted key."""
+    message = (getattr(exc, "msg", None) or str(exc)).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    return ConfigError(f"{key}: {message}" if key else message)
+
+
+def overrides_dotlist(args: list[str]) -> list[str]:
+    """``["--optim.lr=1e-3"]`` -> ``["optim.lr=1e-3"]``, refusing anything else."""
+    out = []
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like --key=value (dotted keys for sections)")
+        key, value = arg[2:].split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {arg!r}: empty key")
+        out.append(f"{key.replace('-', '_')}={value}")
     return out
 
 
 def parse_overrides(args: list[str]) -> dict:
     """``["--a.b=1", "--c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values read as YAML)."""
-    out: dict = {}
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"override {arg!r} must look like --key=value (dotted keys for sections)")
-        key, raw = arg[2:].split("=", 1)
-        if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {arg!r}: empty key")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {arg!r}: value is not valid YAML ({exc})") from None
-        node = out
-        parts = key.replace("-", "_").split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {arg!r}: {part} was already given a value")
-        node[parts[-1]] = value
-    return out
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(overrides_dotlist(args)))
+    except OmegaConfBaseException as exc:
+        raise _library_error(exc) from None
 
 
-def _read_yaml(path: str | os.PathLike) -> dict:
+def _load_file(path: str | os.PathLike) -> DictConfig:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"--config {path}: expected a mapping at the top level, got a list")
+    return loaded
 
 
-def resolve(config_file: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
+def _as_layer(values: Any) -> DictConfig:
+    if isinstance(values, DictConfig):
+        return values.copy()
+    try:
+        return OmegaConf.create(values or {})
+    except OmegaConfBaseException as exc:
+        raise _library_error(exc) from None
+
+
+def _paths_as_lists(layer: DictConfig) -> None:
+    """A single path given as a string (``paths: a.npy``) is a one-item list."""
+    data = layer.get("data")
+    if not isinstance(data, DictConfig):
+        return
+    if isinstance(data.get("eval_paths"), str):
+        data.eval_paths = [data.eval_paths]
+    for source in data.get("sources") or []:
+        if isinstance(source, DictConfig) and isinstance(source.get("paths"), str):
+            source.paths = [source.paths]
+
+
+def _pop_model_preset(layer: DictConfig) -> str | None:
+    model = layer.get("model")
+    if isinstance(model, DictConfig) and "preset" in model:
+        name = model.pop("preset")
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"model.preset must be one of {sorted(MODEL_PRESETS)}, got {name!r}")
+        return name
+    return None
+
+
+def resolve(config_file: str | os.PathLike | None = None, overrides: list[str] | dict | DictConfig | None = None,
             preset: str | None = None) -> TrainConfig:
-    """Defaults <- preset <- YAML file <- overrides, as a validated :class:`TrainConfig`."""
-    file_values = _read_yaml(config_file) if config_file else {}
-    cli = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    name = cli.get("preset", file_values.get("preset", preset or "tiny"))
+    """Defaults <- preset <- YAML file <- overrides, merged by OmegaConf into a validated :class:`TrainConfig`.
+
+    ``overrides`` are ``--key=value`` strings or a (nested) mapping. The preset
+    is the overrides' ``preset``, else the file's, else ``preset``, else ``tiny``.
+    """
+    file_layer = _load_file(config_file) if config_file else OmegaConf.create({})
+    if isinstance(overrides, list):
+        try:
+            cli_layer = OmegaConf.from_dotlist(overrides_dotlist(overrides))
+        except OmegaConfBaseException as exc:
+            raise _library_error(exc) from None
+    else:
+        cli_layer = _as_layer(overrides)
+    name = cli_layer.get("preset", file_layer.get("preset", preset or "tiny"))
     if name not in PRESETS:
         raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-    values = deep_merge(deep_merge(deep_merge({"preset": name}, PRESETS[name]), file_values), cli)
-    values["preset"] = name
-    return from_dict(TrainConfig, values)
-
-
-def _model_from_dict(values: Any, path: str) -> Olmo2Config:
-    if isinstance(values, Olmo2Config):
-        return values
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} must be a mapping (model.preset and Olmo2Config fields), got {values!r}")
-    values = dict(values)
-    name = values.pop("preset", None)
-    fields = {f.name: f for f in dataclasses.fields(Olmo2Config)}
-    hints = typing.get_type_hints(Olmo2Config)
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"{path}: unknown field(s) {unknown}; Olmo2Config has {sorted(fields)}")
-    converted = {k: _convert(v, hints[k], f"{path}.{k}") for k, v in values.items()}
+    layers = [_as_layer(PRESETS[name]), file_layer, cli_layer]
+    model_preset = DEFAULT_MODEL_PRESET
+    for layer in layers:
+        model_preset = _pop_model_preset(layer) or model_preset
+        _paths_as_lists(layer)
     try:
-        return Olmo2Config.preset(name, **converted) if name is not None else Olmo2Config(**converted)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-
-
-def from_dict(cls: type, values: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) dict, converting values to the field
-    types; unknown keys and wrong types raise :class:`ConfigError` naming the key."""
-    if cls is Olmo2Config:
-        return _model_from_dict(values, path or "model")
-    if isinstance(values, cls):
-        return values
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path or cls.__name__} must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}unknown key(s) {unknown}; expected some of {sorted(names)}")
-    kwargs = {k: _convert(v, hints[k], f"{path}.{k}" if path else k) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
+        schema = OmegaConf.structured(TrainConfig)
+        # The model preset's own values, not a built Olmo2Config: fields it leaves
+        # unset (head_dim, num_key_value_heads) follow the overrides.
+        schema.model = OmegaConf.merge(OmegaConf.structured(Olmo2Config), MODEL_PRESETS[model_preset])
+        merged = OmegaConf.merge(schema, *layers)
+        merged.preset = name
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _library_error(exc) from None
     except ConfigError:
         raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path or cls.__name__}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # Olmo2Config's own checks
+        raise ConfigError(f"model: {exc}" if "Olmo2Config" in str(exc) else str(exc)) from None
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
+# ---------------------------------------------------------------------- --help
+def field_docs(cls: type) -> dict[str, str]:
+    """The comment lines just above each field of dataclass ``cls``, joined into one line."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    comment: list[str] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped.lstrip("#").strip())
+            continue
+        match = re.match(r"^ {4}(\w+)\s*:", line)
+        if match and match.group(1) in names and comment:
+            docs[match.group(1)] = " ".join(comment)
+        comment = []
+    return docs
+
+
+def _leaf_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def options_help(cfg: TrainConfig | None = None) -> list[tuple[str, str, str]]:
+    """``(dotted key, value, doc)`` for every config key: the values of ``cfg``
+    (default: the defaults), the docs from the comments above the fields."""
+    cfg = cfg if cfg is not None else TrainConfig()
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        docs = field_docs(type(obj))
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            if not f.repr and type(obj) is Olmo2Config:
+                continue  # tie_word_embeddings: only ever False
+            key = f"{prefix}{f.name}"
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                if key == "model":
+                    model_preset = PRESETS.get(cfg.preset, {}).get("model", {}).get("preset", DEFAULT_MODEL_PRESET)
+                    rows.append(("model.preset", model_preset,
+                                 f"model preset ({', '.join(MODEL_PRESETS)}); the model.* keys override its fields"))
+                walk(value, key + ".")
                 continue
-            try:
-                return _convert(value, arg, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} matches none of {tp}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if origin in (list, tuple):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and args and args[0] is str:
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{path} must have {len(args)} items, got {value!r}")
-            return tuple(_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{path} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                number = math.nan
-            if number.is_integer():
-                return int(number)
-        raise ConfigError(f"{path} must be an int, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML reads 1e-3 (no dot) as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{path} must be a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{path} must be a string, got {value!r}")
-    return value
+            rows.append((key, _leaf_value(value), docs.get(f.name, "")))
+            item = typing.get_args(hints[f.name])
+            if item and dataclasses.is_dataclass(item[0]):
+                item_docs = field_docs(item[0])
+                for sub in dataclasses.fields(item[0]):
+                    default = sub.default if sub.default is not dataclasses.MISSING else sub.default_factory()
+                    rows.append((f"{key}[].{sub.name}", _leaf_value(default), item_docs.get(sub.name, "")))
 
-
-def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
-    """``[--config FILE] [--key=value ...] [--dry-run]`` -> (config, dry_run)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_file = None
-    dry_run = False
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--dry-run", "--dry_run"):
-            dry_run = True
-        elif arg == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("--config needs a YAML file path")
-            config_file = argv[i + 1]
-            i += 1
-        elif arg.startswith("--config="):
-            config_file = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-        i += 1
-    return resolve(config_file, rest), dry_run
+    walk(cfg, "")
+    return rows
