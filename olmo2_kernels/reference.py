@@ -142,9 +142,8 @@ def cross_entropy(
       (each element is read before it is written).
 
     This function is the spec for finite logits with labels in range or
-    ignored; it does not implement the other clauses (an out-of-range label
-    fails in ``gather``; ``z_coef = 0`` with an infinite lse gives
-    ``0 * inf = NaN``). tests/test_ce_contract.py checks each clause on every
+    ignored, and for ``z_coef = 0`` with any lse; it does not implement the
+    other clauses (an out-of-range label fails in ``gather``). tests/test_ce_contract.py checks each clause on every
     backend, and says which ones the ``torch`` backend skips.
     """
     acc = accumulation_dtype(logits.dtype)
@@ -155,7 +154,12 @@ def cross_entropy(
     target = x.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros((), dtype=acc, device=x.device)
     ce = torch.where(valid, lse - target, zero)
-    z = torch.where(valid, z_loss_coef * lse * lse, zero)
+    if z_loss_coef != 0:
+        z = torch.where(valid, z_loss_coef * lse * lse, zero)
+    else:
+        # Exactly 0, also for an infinite or NaN lse (0 * inf is NaN), with a
+        # zero gradient; still in the autograd graph like ce.
+        z = torch.where(torch.isfinite(lse), lse, zero) * 0.0
     return reduce_token_losses(ce, z, valid, reduction)
 
 

@@ -319,7 +319,7 @@ def test_non_finite_logits(rows, dtype):
 def test_z_coef_zero_with_non_finite_lse(rows, dtype):
     """z_coef = 0: z is exactly 0 even where lse is +-inf or NaN, and g_z adds
     nothing to the gradient (not 0 * inf = NaN)."""
-    rows.spec_undefined("the spec computes z = 0 * lse^2, NaN for an infinite lse")
+    rows.spec_undefined("autograd of logsumexp over a row with an infinite logit is NaN")
     vocab = 5003
     values, labels = special_rows(vocab, rows.device)
     logits = padded(values, dtype)
@@ -421,3 +421,14 @@ def test_out_aliases_logits(rows, dtype, vocab):
     assert_matches(logits, expected, dtype, "dlogits in place")
     assert_zero(logits[0], "dlogits of the ignored row")
     assert logits._base[:, :8].isnan().all() and logits._base[:, 8 + vocab:].isnan().all(), "wrote outside the rows"
+
+
+def test_spec_z_is_exactly_zero_with_zero_coef():
+    """The spec itself: z_coef = 0 gives z = 0 (not 0 * inf = NaN) for rows with an
+    infinite or NaN lse, and a zero gradient through z."""
+    logits = torch.tensor([[0.0, float("inf"), 1.0], [0.0, 1.0, 2.0], [float("nan"), 0.0, 1.0]], requires_grad=True)
+    labels = torch.tensor([2, 0, 1])
+    ce, z = reference.cross_entropy(logits, labels, IGNORE, 0.0, reduction="none")
+    assert (z == 0).all() and z.requires_grad
+    z.sum().backward()
+    assert (logits.grad == 0).all()
