@@ -158,8 +158,11 @@ def cross_entropy(
         z = torch.where(valid, z_loss_coef * lse * lse, zero)
     else:
         # Exactly 0, also for an infinite or NaN lse (0 * inf is NaN), with a
-        # zero gradient; still in the autograd graph like ce.
-        z = torch.where(torch.isfinite(lse), lse, zero) * 0.0
+        # zero gradient. Kept in the autograd graph like ce through one finite
+        # logit per row, not through lse: logsumexp's backward is NaN for a
+        # row with an infinite logit even under a zero upstream gradient.
+        first = x[..., 0]
+        z = torch.where(torch.isfinite(first), first, zero) * 0.0
     return reduce_token_losses(ce, z, valid, reduction)
 
 
