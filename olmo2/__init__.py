@@ -13,11 +13,12 @@ Layers import one way: ``config`` <- ``model`` <- ``checkpoint_hf``,
 generation; nothing here imports the trainer.
 """
 from .checkpoint_hf import load_pretrained, save_pretrained
-from .config import PRESETS, Olmo2Config, flops_per_token, num_parameters
+from .config import FLOPS_CONVENTION, PRESETS, Olmo2Config, flops_per_token, num_parameters
 from .generation import generate
 from .model import KVCache, Olmo2ForCausalLM, Olmo2Output
 
 __all__ = [
+    "FLOPS_CONVENTION",
     "PRESETS",
     "KVCache",
     "Olmo2Config",

@@ -1,8 +1,10 @@
 """Hugging Face checkpoint folders: load and save OLMo 2 in the layout
 ``transformers.Olmo2ForCausalLM`` reads and writes.
 
-A folder holds ``config.json`` and either ``model.safetensors`` or shards
-``model-00001-of-0000N.safetensors`` with ``model.safetensors.index.json``.
+A folder holds ``config.json``, ``generation_config.json`` (the special token
+ids, as ``transformers`` writes it; OLMo-core's ``load_hf_model`` requires it)
+and either ``model.safetensors`` or shards ``model-00001-of-0000N.safetensors``
+with ``model.safetensors.index.json``.
 Tensor names are those of ``transformers.Olmo2ForCausalLM``, which are also
 our parameter names.
 
@@ -33,12 +35,13 @@ from .config import Olmo2Config
 from .model import Olmo2ForCausalLM
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX_NAME = "model.safetensors.index.json"
 # Files that belong to a checkpoint's weights: replaced, never carried over.
 _CHECKPOINT_FILE_RE = re.compile(
-    r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors"
-    r"|pytorch_model.*\.bin(\.index\.json)?)$"
+    r"^(config\.json|generation_config\.json|model\.safetensors|model\.safetensors\.index\.json"
+    r"|model-\d{5}-of-\d{5}\.safetensors|pytorch_model.*\.bin(\.index\.json)?)$"
 )
 # Non-persistent buffers that some exporters wrote; they hold no weights.
 _IGNORED_KEY_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -263,6 +266,16 @@ def _write_json(path: Path, obj: object) -> None:
         os.fsync(f.fileno())
 
 
+def generation_config(config: Olmo2Config) -> dict:
+    """The ``generation_config.json`` of a checkpoint: its special token ids (those
+    that are set), as ``transformers`` derives it from the model config."""
+    out: dict = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, key) is not None:
+            out[key] = getattr(config, key)
+    return out
+
+
 def save_pretrained(model: Olmo2ForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
     """Write ``model`` as a Hugging Face OLMo 2 folder at ``path``.
 
@@ -292,6 +305,7 @@ def save_pretrained(model: Olmo2ForCausalLM, path: str | os.PathLike, max_shard_
     tmp.mkdir()
     try:
         _write_json(tmp / CONFIG_NAME, model.config.to_hf(dtype=dtype_name))
+        _write_json(tmp / GENERATION_CONFIG_NAME, generation_config(model.config))
         # safetensors may create files owner-only; give shards the mode that
         # plain open() gave config.json under the user's umask.
         file_mode = (tmp / CONFIG_NAME).stat().st_mode & 0o777

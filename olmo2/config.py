@@ -64,7 +64,8 @@ class Olmo2Config:
     num_key_value_heads: int | None = None
     # Width of a head; None: hidden_size // num_attention_heads.
     head_dim: int | None = None
-    # Longest sequence (size of the RoPE table).
+    # Longest sequence the checkpoint declares; <= 0 (OLMo-core writes -1): no limit.
+    # RoPE is computed per position on demand, so no table is sized from it.
     max_position_embeddings: int = 4096
     # RoPE base.
     rope_theta: float = 500_000.0
@@ -86,10 +87,15 @@ class Olmo2Config:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
+                     "num_attention_heads"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ValueError(f"Olmo2Config: {name} must be a positive int, got {value!r}")
+        if not _is_int(self.max_position_embeddings):
+            raise ValueError(
+                f"Olmo2Config: max_position_embeddings must be an int (<= 0: no limit), "
+                f"got {self.max_position_embeddings!r}"
+            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if not _is_int(self.num_key_value_heads) or self.num_key_value_heads <= 0:
@@ -123,6 +129,12 @@ class Olmo2Config:
             raise ValueError(f"Olmo2Config: attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         if self.tie_word_embeddings:
             raise ValueError("Olmo2Config: tie_word_embeddings must be False (OLMo 2 has an untied LM head)")
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence this config declares, or None when it declares no limit
+        (``max_position_embeddings <= 0``, as OLMo-core's ``save_hf_model`` writes)."""
+        return self.max_position_embeddings if self.max_position_embeddings > 0 else None
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -272,20 +284,27 @@ def num_parameters(config: Olmo2Config, include_embedding: bool = True) -> int:
     return total + embedding if include_embedding else total
 
 
+# How flops_per_token counts, for logs and JSON that report MFU.
+FLOPS_CONVENTION = "6N + causal attention 12*L*H*D*(T+1)/2 (OLMo-core 3.0)"
+
+
 def flops_per_token(config: Olmo2Config, seq_len: int) -> int:
     """Training FLOPs (forward + backward) per token at sequence length ``seq_len``.
 
     ``6 * N`` for the N non-embedding parameters (LM head included, the
-    embedding lookup not) plus the attention scores and their weighted sum,
-    ``12 * L * n_heads * head_dim * seq_len`` (PaLM, Appendix B). Like PaLM,
-    nanoGPT, torchtitan and OLMo-core, the attention term counts the full
-    T x T score matrix, not the causal half, so MFU computed from it is
-    comparable with theirs; the work a causal kernel actually does is about
-    half that term. Norms, RoPE and the softmax are not counted.
+    embedding lookup not) plus the attention scores and their weighted sum
+    over the (query, key) pairs a causal mask keeps, ``T (T + 1) / 2`` per
+    sequence: ``12 * n_heads * head_dim * (T (T + 1) // 2) // T`` per layer
+    and token, as OLMo-core 3.0 counts it (``_causal_attention_positions``),
+    so MFU is comparable with its logs. PaLM, nanoGPT and OLMo-core before 3.0
+    counted the full T x T matrix (about 7% more at 7B, T = 4096). Norms,
+    RoPE and the softmax are not counted (the dense term includes the norm
+    weights, 2 * hidden_size per block, which OLMo-core leaves out: < 0.001%).
+    See :data:`FLOPS_CONVENTION`.
     """
     if not _is_int(seq_len) or seq_len <= 0:
         raise ValueError(f"flops_per_token: seq_len must be a positive int, got {seq_len!r}")
     dense = 6 * num_parameters(config, include_embedding=False)
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return dense + attention
-
+    causal_pairs = seq_len * (seq_len + 1) // 2
+    per_layer = 12 * config.num_attention_heads * config.head_dim * causal_pairs // seq_len
+    return dense + config.num_hidden_layers * per_layer

@@ -192,7 +192,7 @@ def test_transformers_loads_our_checkpoint(tmp_path, shard_size):
             nbytes = sum(params[n].numel() * params[n].element_size() for n in names)
             assert nbytes <= 40_000 or len(names) == 1, file  # a tensor over the limit sits alone
     else:
-        assert files == ["config.json", "model.safetensors"]
+        assert files == ["config.json", "generation_config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folder left behind"
     hf = transformers.Olmo2ForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager")
     ids = torch.randint(0, 301, (2, 11))
@@ -201,6 +201,35 @@ def test_transformers_loads_our_checkpoint(tmp_path, shard_size):
     assert back.config == ours.config
     for (name, a), b in zip(ours.named_parameters(), back.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("shard_size", ["5GB", 40_000])
+def test_generation_config_written_as_transformers_reads_it(tmp_path, shard_size):
+    """OLMo-core's load_hf_model requires generation_config.json (transformers writes one)."""
+    _, ours = make_pair(**SHAPES["gqa-q-width"], eos_token_id=7, pad_token_id=9)
+    save_pretrained(ours, tmp_path, max_shard_size=shard_size)
+    written = json.loads((tmp_path / "generation_config.json").read_text())
+    assert written == {"_from_model_config": True, "eos_token_id": 7, "pad_token_id": 9}  # bos: None, left out
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert (gen.eos_token_id, gen.pad_token_id, gen.bos_token_id) == (7, 9, None)
+    hf = transformers.Olmo2ForCausalLM.from_pretrained(tmp_path)
+    assert hf.generation_config.eos_token_id == 7
+
+
+def test_max_position_embeddings_minus_one(tmp_path):
+    """OLMo-core's save_hf_model writes max_position_embeddings: -1 (no limit); transformers loads it,
+    and so do we: RoPE is computed per position, so any length runs."""
+    hf, _ = make_pair(**SHAPES["gqa-1kv"], max_position_embeddings=-1)
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["max_position_embeddings"] == -1
+    ours = load_pretrained(tmp_path)
+    assert ours.config.max_position_embeddings == -1 and ours.config.max_positions is None
+    assert ours.config.to_hf()["max_position_embeddings"] == -1  # round-trips as written
+    ids = torch.randint(0, 301, (1, 300))  # longer than the 128 the other tests declare
+    assert rel_err(logits_of(ours, ids), logits_of(hf, ids)) < LOGITS_RTOL
+    assert Olmo2Config.preset("olmo2-test", max_position_embeddings=0).max_positions is None
+    with pytest.raises(ValueError, match="max_position_embeddings must be an int"):
+        Olmo2Config.preset("olmo2-test", max_position_embeddings=1.5)
 
 
 def test_load_dtype_and_device(tmp_path):
@@ -224,7 +253,8 @@ def test_save_over_existing_folder_keeps_other_files(tmp_path):
     with torch.no_grad():
         ours.lm_head.weight.mul_(2)
     save_pretrained(ours, target)  # now one file: the old shards and index must go
-    assert sorted(os.listdir(target)) == ["config.json", "extra", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(target)) == ["config.json", "extra", "generation_config.json", "model.safetensors",
+                                          "tokenizer.json"]
     assert (target / "extra" / "notes.txt").read_text() == "kept"
     assert torch.equal(load_pretrained(target).lm_head.weight, ours.lm_head.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -118,15 +118,19 @@ class TestCounts:
         assert num_parameters(config, include_embedding=False) == model.num_parameters() - embedding
 
     def test_flops_per_token(self):
+        """Causal attention as OLMo-core 3.0 counts it: 12 * H * D * (T (T + 1) / 2) / T per layer."""
         c = Olmo2Config.preset("olmo2-7b")
         n = num_parameters(c, include_embedding=False)
-        assert flops_per_token(c, 4096) == 6 * n + 12 * 32 * 32 * 128 * 4096
+        causal = 32 * (12 * 32 * 128 * (4096 * 4097 // 2) // 4096)
+        assert flops_per_token(c, 4096) == 6 * n + causal
+        full = 6 * n + 12 * 32 * 32 * 128 * 4096  # the PaLM / pre-3.0 count
+        assert full / flops_per_token(c, 4096) == pytest.approx(1.07, abs=0.01)  # MFU read ~7% high before
         # Hand count for the tiny config: per layer q/o 40x30 each, k/v 40x10 each, norms 30 + 10,
         # MLP 3 x 40 x 56, block norms 2 x 40; then final norm 40 and the LM head 97 x 40.
         t = tiny_config()
         per_layer = 2 * 40 * 30 + 2 * 40 * 10 + 30 + 10 + 3 * 40 * 56 + 2 * 40
         dense = 2 * per_layer + 40 + 97 * 40
-        assert flops_per_token(t, 7) == 6 * dense + 12 * 2 * 3 * 10 * 7
+        assert flops_per_token(t, 7) == 6 * dense + 2 * (12 * 3 * 10 * (7 * 8 // 2) // 7)
         with pytest.raises(ValueError, match="seq_len must be a positive int"):
             flops_per_token(t, 0)
 

@@ -87,12 +87,51 @@ def test_clip_leaves_small_gradients_and_reports_nonfinite():
 
 
 # ---------------------------------------------------------------------- spikes
-def test_spike_detector_rule():
+def olmo_core_skips(losses, grad_norms, window=128, sigma=6.0):
+    """OLMo-core 3.0's SkipStepOptimizer rule, restated: the current value is appended to a
+    list of at most window + 1, judged once the list holds max(2, window // 2) values, against
+    the mean and (unbiased) std of the values before it."""
+    kept_l, kept_g, skipped = [], [], []
+    for loss, norm in zip(losses, grad_norms):
+        kept_l = (kept_l + [loss])[-(window + 1):]
+        kept_g = (kept_g + [norm])[-(window + 1):]
+        if len(kept_l) < max(2, window // 2):
+            skipped.append(False)
+            continue
+        ok = all((v[-1] - torch.tensor(v[:-1]).mean().item()) <= sigma * torch.tensor(v[:-1]).std().item()
+                 for v in (kept_l, kept_g))
+        skipped.append(not ok)
+    return skipped
+
+
+def test_spike_detector_first_judged_step_is_olmo_cores():
+    """A step is judged once 64 values exist counting its own: the 64th step, not the 65th."""
+    calm = [2.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(62)]
+    for history in (62, 63):
+        det = SpikeDetector(window=128, min_history=64, sigma=6.0)
+        for v in calm + [2.0] * (history - 62):
+            assert det.check(v, 1.0) is None
+        judged = det.check(100.0, 1.0) is not None  # step history + 1
+        assert judged == (history == 63)
+        losses = calm + [2.0] * (history - 62) + [100.0]
+        assert olmo_core_skips(losses, [1.0] * len(losses))[-1] == judged
+
+
+def test_spike_detector_matches_olmo_core_on_a_noisy_run():
+    gen = torch.Generator().manual_seed(0)
+    losses = (3.0 - torch.linspace(0, 1, 300) + 0.05 * torch.randn(300, generator=gen)).tolist()
+    norms = (1.0 + 0.1 * torch.randn(300, generator=gen).abs()).tolist()
+    for i in (70, 90, 200, 201, 250):  # spikes, two in a row
+        losses[i] += 3.0
+    norms[150] *= 20
     det = SpikeDetector(window=128, min_history=64, sigma=6.0)
+    ours = [det.check(a, b) is not None for a, b in zip(losses, norms)]
+    assert ours == olmo_core_skips(losses, norms)
+    assert sum(ours) >= 4
+
+
+def test_spike_detector_rule():
     values = [2.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(63)]
-    for v in values:
-        assert det.check(v, 1.0) is None
-    assert det.check(100.0, 1.0) is None  # only 63 values of history: not judged yet
     det = SpikeDetector(window=128, min_history=64, sigma=6.0)
     for v in values + [2.0]:
         det.check(v, 1.0 + 0.001 * (v - 2.0))
@@ -132,3 +171,14 @@ def test_mfu():
     assert peak_flops(torch.device("cpu")) is None
     assert mfu(1000.0, 6e9, None) is None
     assert mfu(55_000.0, 7.2e9, 989.5e12) == pytest.approx(55_000 * 7.2e9 / 989.5e12)
+
+
+def test_metrics_record_says_how_flops_are_counted():
+    from olmo2 import FLOPS_CONVENTION
+    from olmo2.train.metrics import StepResult, TrainMetrics
+
+    metrics = TrainMetrics(global_batch_tokens=4096, world_size=1, flops_per_token=1e9, peak_flops=1e15,
+                           device=torch.device("cpu"), log_interval=1, max_steps=1)
+    record = metrics.record(1, StepResult(2.0, 1.9, 0.1, 1.0, 1e-3, 4000.0), tokens_seen=4096)
+    assert record["flops_convention"] == FLOPS_CONVENTION and "causal" in FLOPS_CONVENTION
+    assert record["flops_per_token"] == 1e9 and record["mfu"] > 0

@@ -146,3 +146,10 @@ def test_cli_errors_are_one_line(capsys):
     assert main(["--optim.nope=1", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err == "olmo2-train: optim.nope: Key 'nope' not in 'OptimConfig'\n"
+
+
+def test_model_without_position_limit():
+    """max_position_embeddings <= 0 (OLMo-core's -1) sets no limit on data.seq_len."""
+    cfg = resolve(overrides=["--model.max_position_embeddings=-1", "--data.seq_len=1024",
+                             "--global_batch_tokens=2048", "--micro_batch_tokens=2048"])
+    assert cfg.model.max_positions is None and cfg.data.seq_len == 1024

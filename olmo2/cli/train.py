@@ -14,7 +14,7 @@ import os
 import sys
 import textwrap
 
-from ..config import flops_per_token, num_parameters
+from ..config import FLOPS_CONVENTION, flops_per_token, num_parameters
 from ..train.config import PRESETS, ConfigError, TrainConfig, options_help, resolve
 from ..train.parallel import destroy_distributed, init_distributed
 from ..train.stability import NonFiniteLossError
@@ -67,7 +67,7 @@ def describe(cfg: TrainConfig, world_size: int) -> str:
         cfg.to_yaml().rstrip(),
         "# ---- derived",
         f"# parameters: {n:,} ({n / 1e9:.3f}B)",
-        f"# training FLOPs per token: {fpt:.4g}",
+        f"# training FLOPs per token: {fpt:.4g} ({FLOPS_CONVENTION})",
         f"# global batch: {cfg.global_batch_instances} instances x {cfg.data.seq_len} = {cfg.global_batch_tokens:,} tokens",
         f"# micro-batch per rank: {cfg.micro_batch_instances} instances; gradient accumulation x"
         f"{cfg.grad_accum_steps(world_size)} at {world_size} rank(s)",

@@ -167,7 +167,7 @@ class SpikeConfig:
     enabled: bool = True
     # Rolling window of past values (OLMo-core: 128).
     window: int = 128
-    # Values needed before a step is judged (OLMo-core: 64).
+    # Values needed before a step is judged, counting the step's own (OLMo-core: 64).
     min_history: int = 64
     # Standard deviations above the rolling mean that make a spike.
     sigma: float = 6.0
@@ -285,7 +285,7 @@ class TrainConfig:
                 f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of "
                 f"micro_batch_tokens ({self.micro_batch_tokens}) (times the number of ranks)"
             )
-        if seq > self.model.max_position_embeddings:
+        if self.model.max_positions is not None and seq > self.model.max_positions:
             raise ConfigError(
                 f"data.seq_len ({seq}) exceeds model.max_position_embeddings ({self.model.max_position_embeddings})"
             )

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..config import FLOPS_CONVENTION
+
 # Dense bf16 peak FLOP/s (no sparsity) by device name, matched in order by
 # substring of ``torch.cuda.get_device_name()``. MFU is not reported for
 # devices missing here, nor on CPU.
@@ -224,7 +226,7 @@ class TrainMetrics:
         )
         util = mfu(per_device, self.flops_per_token, self.peak_flops)
         if util is not None:
-            record["mfu"] = util
+            record.update(mfu=util, flops_per_token=self.flops_per_token, flops_convention=FLOPS_CONVENTION)
         if result.skipped is not None:
             self.message(f"step {step}: optimizer step skipped: {result.skipped}")
         self.history.append({"step": step, **record})

@@ -23,11 +23,15 @@ class NonFiniteLossError(RuntimeError):
 class SpikeDetector:
     """Skip the optimizer step when the loss or the gradient norm is a spike.
 
-    OLMo-core's rule: a value is a spike when it exceeds the mean of the last
-    ``window`` (128) values by more than ``sigma`` (6) standard deviations;
-    judged only once ``min_history`` (64) values exist. Non-finite values are
-    always rejected and never enter the history; spikes do enter it (as in
-    OLMo-core), so a lasting shift in level is accepted after a while.
+    OLMo-core's rule (``SkipStepOptimizer.get_step_factor``, ai2-olmo-core
+    3.0): a value is a spike when it exceeds the mean of the previous
+    ``window`` (128) values by more than ``sigma`` (6) of their standard
+    deviations (unbiased). A step is judged once ``min_history`` (64) values
+    exist *counting its own*, that is from the step with ``min_history - 1``
+    previous values on (and at least 2, so the deviation is defined).
+    Non-finite values are always rejected and never enter the history; spikes
+    do enter it (as in OLMo-core), so a lasting shift in level is accepted
+    after a while.
     """
 
     def __init__(self, window: int = 128, min_history: int = 64, sigma: float = 6.0):
@@ -41,10 +45,11 @@ class SpikeDetector:
         self.skipped = 0
 
     def threshold(self, key: str) -> float | None:
+        """The largest value of ``key`` the next step may have, or None while it is not judged."""
         values = self.history[key]
-        if len(values) < self.min_history:
-            return None
         n = len(values)
+        if n + 1 < self.min_history or n < 2:  # + 1: the value being judged counts (OLMo-core)
+            return None
         mean = sum(values) / n
         var = sum((v - mean) ** 2 for v in values) / (n - 1)
         return mean + self.sigma * math.sqrt(var)
