@@ -17,6 +17,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .files import atomic_write
+
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 NUM_BYTES = 256
@@ -112,7 +114,6 @@ class ByteTokenizer:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
-        tmp = f"{path}.tmp{os.getpid()}"
-        self.to_hf().save(tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            f.write(self.to_hf().to_str())
         return path

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from .config import Olmo2Config
+from .dtypes import DTYPE_NAMES
+from .files import atomic_write
 from .model import Olmo2ForCausalLM
 
 CONFIG_NAME = "config.json"
@@ -45,8 +47,6 @@ _CHECKPOINT_FILE_RE = re.compile(
 )
 # Non-persistent buffers that some exporters wrote; they hold no weights.
 _IGNORED_KEY_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float64: "float64"}
 
 
 # --------------------------------------------------------------------------- which config field sets a dim
@@ -254,16 +254,15 @@ def _plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
 
 
 def _fsync(path: Path) -> None:
+    """Persist a file another library wrote (safetensors streams shards itself)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 def _write_json(path: Path, obj: object) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def generation_config(config: Olmo2Config) -> dict:
@@ -298,7 +297,7 @@ def save_pretrained(model: Olmo2ForCausalLM, path: str | os.PathLike, max_shard_
     sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
     shards = _plan_shards(sizes, limit)
     dtypes = Counter(t.dtype for t in state.values())
-    dtype_name = _DTYPE_NAMES.get(dtypes.most_common(1)[0][0])
+    dtype_name = DTYPE_NAMES.get(dtypes.most_common(1)[0][0])
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"

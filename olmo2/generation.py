@@ -16,10 +16,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .dtypes import INDEX_DTYPES
 from .model import KVCache, Olmo2ForCausalLM
-
-_INDEX_DTYPES = (torch.int64, torch.int32)
-
 
 def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
     if eos_token_id is None:
@@ -67,7 +65,7 @@ def generate(
     never stop early. ``generator`` (on the model's device) makes sampling
     reproducible.
     """
-    if not isinstance(input_ids, Tensor) or input_ids.dtype not in _INDEX_DTYPES or input_ids.dim() != 2:
+    if not isinstance(input_ids, Tensor) or input_ids.dtype not in INDEX_DTYPES or input_ids.dim() != 2:
         raise TypeError(
             "generate: input_ids must be an int64/int32 tensor of shape (batch, seq), got "
             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}"

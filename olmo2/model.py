@@ -43,10 +43,10 @@ import olmo2_kernels
 from olmo2_kernels import RMSNorm, checks
 
 from .config import ATTN_BACKENDS, Olmo2Config
+from .dtypes import INDEX_DTYPES
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")
-_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 # --------------------------------------------------------------------------- outputs and cache
@@ -300,7 +300,7 @@ class Olmo2Model(nn.Module):
         if position_ids is None:
             positions = torch.arange(past, past + seq, device=device)
         else:
-            if not isinstance(position_ids, Tensor) or position_ids.dtype not in _INDEX_DTYPES:
+            if not isinstance(position_ids, Tensor) or position_ids.dtype not in INDEX_DTYPES:
                 raise TypeError(
                     f"Olmo2ForCausalLM.forward: position_ids must be an int64/int32 tensor, got "
                     f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}"
@@ -451,7 +451,7 @@ def _check_input_ids(input_ids: object, vocab_size: int) -> None:
     op = "Olmo2ForCausalLM.forward"
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"{op}: input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype not in _INDEX_DTYPES:
+    if input_ids.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: input_ids must be int64 or int32, got {input_ids.dtype}")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"{op}: input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
@@ -468,7 +468,7 @@ def _check_labels(labels: object, input_ids: Tensor, vocab_size: int) -> None:
     op = "Olmo2ForCausalLM.forward"
     if not isinstance(labels, Tensor):
         raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in _INDEX_DTYPES:
+    if labels.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: labels must be int64 or int32, got {labels.dtype}")
     if labels.shape != input_ids.shape:
         raise ValueError(

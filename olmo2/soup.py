@@ -13,18 +13,15 @@ folder that is then renamed to ``--out``.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .checkpoint_hf import load_pretrained, save_pretrained
+from .files import atomic_copy
 from .model import Olmo2ForCausalLM
 from .train.checkpoint import load_model_from_checkpoint
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _is_hf(path: Path) -> bool:
     return (path / "config.json").is_file()
@@ -84,7 +81,5 @@ def soup(paths: Sequence[str | os.PathLike], out: str | os.PathLike, dtype: torc
     if tok is not None:
         if not tok.is_file():
             raise FileNotFoundError(f"olmo2-soup: --tokenizer {tok} does not exist")
-        tmp = out / ".tokenizer.json.tmp"
-        shutil.copyfile(tok, tmp)
-        os.replace(tmp, out / "tokenizer.json")
+        atomic_copy(tok, out / "tokenizer.json")
     return out

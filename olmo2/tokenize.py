@@ -23,7 +23,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import numpy as np
 
 from .byte_tokenizer import EOS_TOKEN, ByteTokenizer
+from .files import atomic_write
 from .train.data import TOKEN_DTYPES
 
 MIN_PERIOD = 1
@@ -211,7 +211,6 @@ def tokenize_files(inputs: Sequence[str], out: str, tokenizer: str = "byte", dty
     files = input_files(inputs)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     stats = TokenizeStats()
     eos_arr = np.array([eos], dtype=np_dtype)
 
@@ -219,7 +218,7 @@ def tokenize_files(inputs: Sequence[str], out: str, tokenizer: str = "byte", dty
 
     bar = tqdm(total=len(files), unit="file", desc="tokenize", disable=not progress, file=sys.stderr)
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(out_path, "wb") as f:
             def flush(batch: list[str]) -> None:
                 for ids in encode_batch(batch):
                     stats.documents += 1
@@ -253,13 +252,8 @@ def tokenize_files(inputs: Sequence[str], out: str, tokenizer: str = "byte", dty
             if ngram_filter else None,
             "inputs": [str(p) for p in files],
         }
-        sidecar_tmp = out_path.with_name(f".{out_path.name}.json.tmp{os.getpid()}")
-        sidecar_tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out_path)
-        os.replace(sidecar_tmp, out_path.with_name(out_path.name + ".json"))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_write(out_path.with_name(out_path.name + ".json")) as f:
+            json.dump(meta, f, indent=2)
     finally:
         bar.close()
     return stats

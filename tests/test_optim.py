@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from olmo2 import Olmo2Config, Olmo2ForCausalLM
-from olmo2.train.metrics import mfu, peak_flops
+from olmo2.hardware import peak_flops, peak_flops_for_name
+from olmo2.train.metrics import mfu
 from olmo2.train.optim import LRSchedule, build_adamw, clip_grad_norm_, split_params
 from olmo2.train.stability import SpikeDetector
 
@@ -182,3 +183,14 @@ def test_metrics_record_says_how_flops_are_counted():
     record = metrics.record(1, StepResult(2.0, 1.9, 0.1, 1.0, 1e-3, 4000.0), tokens_seen=4096)
     assert record["flops_convention"] == FLOPS_CONVENTION and "causal" in FLOPS_CONVENTION
     assert record["flops_per_token"] == 1e9 and record["mfu"] > 0
+
+
+def test_peak_flops_table_is_longest_match():
+    assert peak_flops_for_name("NVIDIA H100 80GB HBM3") == 989.5e12
+    assert peak_flops_for_name("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for_name("NVIDIA GH200 480GB") == 989.5e12
+    assert peak_flops_for_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_for_name("NVIDIA A10") == 125e12
+    assert peak_flops_for_name("NVIDIA L40S") == 362.05e12
+    assert peak_flops_for_name("Some CPU") is None
+    assert peak_flops(torch.device("cpu"), torch.bfloat16) is None

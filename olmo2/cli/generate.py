@@ -13,10 +13,8 @@ import torch
 import olmo2_kernels
 
 from ..checkpoint_hf import load_pretrained
+from ..dtypes import DTYPES
 from ..generation import generate
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -30,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", choices=["auto", *_DTYPES], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--backend", default=None, choices=["auto", *olmo2_kernels.BACKENDS],
@@ -55,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
     from tokenizers import Tokenizer
 

@@ -9,7 +9,8 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..soup import _DTYPES, soup
+from ..dtypes import DTYPES
+from ..soup import soup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,12 +21,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("checkpoints", nargs="+", help="trainer checkpoint/run folders or Hugging Face folders")
     parser.add_argument("--out", "-o", required=True, help="output Hugging Face folder")
-    parser.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="output dtype (None: that of the first checkpoint)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json to copy into the output")
     args = parser.parse_args(argv)
     try:
-        out = soup(args.checkpoints, args.out, _DTYPES[args.dtype] if args.dtype else None, args.tokenizer)
+        out = soup(args.checkpoints, args.out, DTYPES[args.dtype] if args.dtype else None, args.tokenizer)
     except (FileNotFoundError, ValueError) as exc:
         print(f"olmo2-soup: {exc}", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint_hf import save_pretrained
+from ..files import atomic_copy, atomic_write, fsync_dir
 from ..model import Olmo2ForCausalLM
 from .config import CheckpointConfig, TrainConfig
 
@@ -91,35 +92,14 @@ def _quiet_dcp():
 
 # ---------------------------------------------------------------------- small files
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write JSON atomically (:func:`olmo2.files.atomic_write`)."""
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------- RNG
@@ -251,7 +231,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
         write_json(tmp / TRAINER_FILE, record)
         if config_yaml is not None:
             _write_text(tmp / CONFIG_FILE, config_yaml)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             # Re-saving a step (after resuming from an earlier one): swap, then drop the old copy.
             old = root / f".old-{name}-{os.getpid()}"
@@ -260,9 +240,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _write_text(root / LATEST, name + "\n")
-        _fsync_dir(root)
+        fsync_dir(root)
         if keep_last > 0:
             prune_checkpoints(root, keep_last)
     _barrier()
@@ -350,9 +330,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_json: str 
     out = Path(out_dir)
     save_pretrained(plain, out)
     if tokenizer_json is not None:
-        tmp = out / ".tokenizer.json.tmp"
-        shutil.copyfile(tokenizer_json, tmp)
-        os.replace(tmp, out / "tokenizer.json")
+        atomic_copy(tokenizer_json, out / "tokenizer.json")
     _barrier()
     return out
 

@@ -41,6 +41,7 @@ import olmo2_kernels
 
 from ..config import PRESETS as MODEL_PRESETS
 from ..config import Olmo2Config
+from ..files import atomic_write
 from .optim import SCHEDULES
 
 PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")
@@ -344,12 +345,9 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the resolved config as YAML (temporary file, then rename)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        """Write the resolved config as YAML (:func:`olmo2.files.atomic_write`)."""
+        with atomic_write(path) as f:
             f.write(self.to_yaml())
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TrainConfig":

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..byte_tokenizer import ByteTokenizer
+from ..files import atomic_write
 
 
 def default_cache_dir() -> Path:
@@ -76,7 +77,8 @@ def stdlib_corpus(cache_dir: str | os.PathLike | None = None, val_every: int = 5
         "documents": {k: v[0] for k, v in counts.items()},
         "tokens": {k: v[1] for k, v in counts.items()},
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    with atomic_write(tmp / "meta.json") as f:
+        json.dump(meta, f, indent=2)
     try:
         os.replace(tmp, folder)
     except OSError:

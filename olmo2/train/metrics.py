@@ -22,37 +22,7 @@ from typing import Any
 import torch
 
 from ..config import FLOPS_CONVENTION
-
-# Dense bf16 peak FLOP/s (no sparsity) by device name, matched in order by
-# substring of ``torch.cuda.get_device_name()``. MFU is not reported for
-# devices missing here, nor on CPU.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989.5e12),  # SXM (HBM3)
-    ("H200", 989.5e12),
-    ("H800", 989.5e12),
-    ("GH200", 989.5e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362.05e12),
-    ("L4", 121e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165.2e12),
-)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of ``device``, or None (CPU, or a GPU not in the table)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
-
+from ..files import atomic_write
 
 def mfu(tokens_per_second_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
     """Model FLOP utilization: achieved training FLOP/s over the device's peak."""
@@ -132,9 +102,8 @@ class MetricsLogger:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        with atomic_write(self.path) as f:
+            f.write("".join(kept))
 
     def log(self, step: int, metrics: dict[str, Any], bar_keys: tuple[str, ...] = ("loss", "grad_norm", "lr")) -> None:
         if not self.enabled:

@@ -40,12 +40,13 @@ import olmo2_kernels
 
 from ..byte_tokenizer import ByteTokenizer
 from ..config import flops_per_token, num_parameters
+from ..hardware import peak_flops
 from ..model import IGNORE_INDEX, Olmo2ForCausalLM
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .corpus import stdlib_corpus
 from .data import EvalData, TokenSource, TrainData
-from .metrics import StepResult, TrainMetrics, peak_flops
+from .metrics import StepResult, TrainMetrics
 from .optim import LRSchedule, build_adamw, clip_grad_norm_, set_lr
 from .parallel import (
     DistInfo,
