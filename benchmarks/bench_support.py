@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
-from olmo2_kernels.bench import harness, specs
-from olmo2_kernels.bench.impls import IMPLS
-from olmo2_kernels.bench.kernels import make_input_sets
+from . import harness, specs
+from .impls import IMPLS
+from .kernels import make_input_sets
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

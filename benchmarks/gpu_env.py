@@ -21,6 +21,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as a file, this script has its own folder first on sys.path: the benchmarks
+# package, whose kernels.py, model.py and report.py would shadow top-level modules
+# of those names (transformers probes for a ``kernels`` package). Import from the
+# repository root instead, which also finds olmo2_kernels when it is not installed.
+if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "benchmarks":
+    sys.path[0] = str(ROOT)
 OPTIONAL = ("triton", "transformers", "liger-kernel", "flash-attn", "pytest-xdist", "matplotlib",
             "scikit-build-core", "pybind11")
 
@@ -68,7 +74,6 @@ def collect() -> dict:
     env["nvidia_smi"] = smi
     nvcc = _command(["nvcc", "--version"])
     env["nvcc"] = nvcc.splitlines()[-2].strip() if nvcc and len(nvcc.splitlines()) >= 2 else nvcc
-    sys.path.insert(0, str(ROOT))
     import olmo2_kernels
 
     env["backend_info"] = olmo2_kernels.backend_info()

@@ -7,7 +7,7 @@ against the float64 spec, one line per (op, backend, dtype, shape).
     python benchmarks/gpu_verdict.py --device cpu --size tiny --backends triton,cpu   # CPU smoke run
 
 For each case the op runs forward and backward on the benchmark's inputs and
-upstream gradients (:mod:`olmo2_kernels.bench.specs`: the same values, the
+upstream gradients (:mod:`benchmarks.specs`: the same values, the
 same call convention as ``olmo2-bench``), and every output and every input
 gradient is compared with the spec (:mod:`olmo2_kernels.reference`) evaluated
 in float64 on the same input values, with the one tolerance table,
@@ -44,6 +44,12 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as a file, this script has its own folder first on sys.path: the benchmarks
+# package, whose kernels.py, model.py and report.py would shadow top-level modules
+# of those names (transformers probes for a ``kernels`` package). Import from the
+# repository root instead, which also finds olmo2_kernels when it is not installed.
+if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "benchmarks":
+    sys.path[0] = str(ROOT)
 OPS = ("rms_norm", "qk_norm_rope", "swiglu", "cross_entropy", "linear_cross_entropy")
 DTYPE_NAMES = ("bf16", "fp32")
 STRIDE_PAD = 64  # extra (NaN) elements at the end of each row of a strided input: keeps 16-byte alignment
@@ -84,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- shapes
 def cases(op: str, size: str) -> list[tuple[str, dict, bool]]:
     """(label, dims, strided) for ``op``: dims in the op's benchmark spec's names."""
-    from olmo2_kernels.bench.specs import layout
+    from benchmarks.specs import layout
 
     tokens = 4096
     odd_rows, odd_widths = (1, 7, 199), (200, 2049, 5003)
@@ -199,9 +205,9 @@ def run_op(op: str, args, device, emit, deadline: float | None = None) -> bool:
     import torch
 
     import olmo2_kernels
+    from benchmarks import harness
+    from benchmarks.specs import SPECS
     from olmo2_kernels import _backend
-    from olmo2_kernels.bench import harness
-    from olmo2_kernels.bench.specs import SPECS
 
     sys.path.insert(0, str(ROOT / "tests"))
     from tolerances import tolerance  # the one tolerance table
@@ -385,7 +391,6 @@ def main(argv: list[str] | None = None) -> int:
     if device_type == "cpu" and "triton" in args.backends:
         # Triton runs CPU tensors only under its interpreter, read at import.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    sys.path.insert(0, str(ROOT))
     import olmo2_kernels  # noqa: F401  (after TRITON_INTERPRET)
 
     device = torch.device(device_type)

@@ -199,7 +199,7 @@ bench_kernels() {
   ensure_built || return
   JSONS+=("$RESULTS/$name.json")
   # shellcheck disable=SC2086
-  logged "$name" "$PY" -m olmo2_kernels.bench kernels --out "$RESULTS" --name "$name" "$@" ${OLMO2_BENCH_ARGS:-}
+  logged "$name" "$PY" -m benchmarks kernels --out "$RESULTS" --name "$name" "$@" ${OLMO2_BENCH_ARGS:-}
 }
 
 step_model() {
@@ -207,7 +207,7 @@ step_model() {
   ensure_built || return
   JSONS+=("$RESULTS/$name.json")
   # shellcheck disable=SC2086
-  logged "$name" "$PY" -m olmo2_kernels.bench model --out "$RESULTS" --name "$name" "$@" ${OLMO2_BENCH_ARGS:-}
+  logged "$name" "$PY" -m benchmarks model --out "$RESULTS" --name "$name" "$@" ${OLMO2_BENCH_ARGS:-}
 }
 
 # --------------------------------------------------------------------------- quick
@@ -299,7 +299,7 @@ q_summary() {
   {
     if [ ${#files[@]} -gt 0 ]; then
       echo "== timings (olmo2-bench report; partial when a sub-step was stopped)"
-      timeout 30 "$PY" -m olmo2_kernels.bench report "${files[@]}" --no-plots 2>&1 || echo "(report failed)"
+      timeout 30 "$PY" -m benchmarks report "${files[@]}" --no-plots 2>&1 || echo "(report failed)"
     fi
     for f in verdict_triton verdict_ext; do
       [ -f "$RESULTS/$f.log" ] || continue
@@ -368,20 +368,20 @@ step_quick() {
   # 4. kernel timings at 1B/7B widths, one token count: ours vs eager, Liger, unfused
   JSONS+=("$RESULTS/kernels_quick.json")
   lim=$(q_limit 150 75)
-  q_exec kernels_quick "$lim" "$PY" -m olmo2_kernels.bench kernels --presets 1b,7b --tokens "$tokens" \
+  q_exec kernels_quick "$lim" "$PY" -m benchmarks kernels --presets 1b,7b --tokens "$tokens" \
     --budget "$budget" --backends torch,triton,cuda,liger,unfused --no-plots --out "$RESULTS" --name kernels_quick \
     ${bench_extra[@]+"${bench_extra[@]}"} ${kernels_extra[@]+"${kernels_extra[@]}"}
 
   # 5. the 1B training step: kernels vs eager vs transformers, SDPA's flash kernel; flash-attn when importable
   JSONS+=("$RESULTS/model_quick.json")
   lim=$(q_limit 150 0)
-  q_exec model_quick "$lim" "$PY" -m olmo2_kernels.bench model --impls kernels,eager,transformers \
+  q_exec model_quick "$lim" "$PY" -m benchmarks model --impls kernels,eager,transformers \
     --attn-backend sdpa-flash --no-plots --out "$RESULTS" --name model_quick ${bench_extra[@]+"${bench_extra[@]}"}
   if "$PY" -c "import flash_attn" 2>/dev/null; then flash=1; fi
   if [ "$flash" = 1 ] || [ "$DRY_RUN" = 1 ]; then
     # (the dry run runs it without flash-attn too: every row is skipped with the reason)
     lim=$(q_limit 90 0)
-    q_exec model_quick_flash_attn "$lim" "$PY" -m olmo2_kernels.bench model --impls kernels,transformers \
+    q_exec model_quick_flash_attn "$lim" "$PY" -m benchmarks model --impls kernels,transformers \
       --attn-backend flash_attn --no-plots --out "$RESULTS" --name model_quick_flash_attn \
       ${bench_extra[@]+"${bench_extra[@]}"}
   else
@@ -390,7 +390,7 @@ step_quick() {
 
   # 4b. torch.compile baselines last: they compile per shape and take the longest for the least news
   lim=$(q_limit 150 0)
-  q_exec kernels_quick_compile "$lim" "$PY" -m olmo2_kernels.bench kernels --presets 1b,7b --tokens "$tokens" \
+  q_exec kernels_quick_compile "$lim" "$PY" -m benchmarks kernels --presets 1b,7b --tokens "$tokens" \
     --budget "$budget" --backends torch,compile --no-plots --out "$RESULTS" --name kernels_quick_compile \
     ${bench_extra[@]+"${bench_extra[@]}"} ${kernels_extra[@]+"${kernels_extra[@]}"}
 

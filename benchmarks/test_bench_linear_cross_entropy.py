@@ -2,7 +2,7 @@
 (shapes and implementations as in `olmo2-bench`)."""
 import pytest
 
-import bench_support
+from benchmarks import bench_support
 
 OP = "linear_cross_entropy"
 

@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
+from benchmarks import cli, harness, impls, kernels, report, specs
 from olmo2_kernels import reference
-from olmo2_kernels.bench import cli, harness, impls, kernels, report, specs
 
 CPU = torch.device("cpu")
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -269,7 +269,7 @@ def test_kernels_quick_cpu_run(tmp_path, one_thread, capsys):
 def test_plots_or_a_reason(tmp_path, one_thread, capsys):
     doc = {"schema": 1, "kind": "kernels", "rows": [], "ceilings": {}, "config": {"dtype": "float32"},
            "env": {"device": "cpu", "torch": "x", "git": {"commit": None}, "date": "2026-01-01"}}
-    from olmo2_kernels.bench import plots
+    from benchmarks import plots
 
     written, why = plots.plot(doc, tmp_path)
     try:
@@ -296,3 +296,18 @@ def test_model_quick_cpu_run(tmp_path, one_thread):
     ce = [rows[n]["ce_loss"] for n in ("kernels", "eager", "transformers")]
     assert max(ce) - min(ce) < 1e-4 * max(ce)
     assert doc["flops_per_token"] > 0 and doc["env"]["device"].startswith("CPU")
+
+
+def test_model_mfu_uses_the_trainers_peak_table(monkeypatch):
+    """One peak-FLOPs table (olmo2.hardware): a GPU's MFU in olmo2-bench model and in training agree."""
+    from benchmarks import model
+    from olmo2 import hardware
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    gpu = torch.device("cuda")
+    value, source = model.peak_flops(gpu, BF16, measured_tflops=500.0)
+    assert value == hardware.peak_flops(gpu, BF16) == 756e12 and "H100 PCIe" in source
+    # fp32 has no datasheet entry: the matmul rate measured in the run
+    assert model.peak_flops(gpu, FP32, measured_tflops=50.0) == (50e12, "measured matmul rate 50 TFLOP/s "
+                                                                     "(no datasheet peak for this device/dtype)")
+    assert model.peak_flops(CPU, FP32, measured_tflops=None) == (None, "n/a")

@@ -1,7 +1,9 @@
-"""One-way layers, read from the source: every ``import`` in ``olmo2/`` and
-``olmo2_kernels/`` (at module level and inside functions) is parsed with ``ast``.
+"""One-way layers, read from the source: every ``import`` in ``olmo2/``,
+``olmo2_kernels/`` and ``benchmarks/`` (at module level and inside functions) is
+parsed with ``ast``.
 
 * ``olmo2_kernels`` never imports ``olmo2``: the kernels ship alone.
+* The benchmarks depend on both; neither imports them.
 * No cycle among the modules of the two packages: an import that would close one
   (a model that imports its own checkpoint I/O, a config that imports the
   trainer) fails here with the cycle spelled out.
@@ -16,19 +18,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("olmo2", "olmo2_kernels")
-
-# The one known exception, by package: its modules may import olmo2, and a cycle
-# entirely among its modules is not reported. Everything else is held to both rules.
-KNOWN_EXCEPTIONS = {
-    "olmo2_kernels.bench": "the benchmarks (olmo2-bench) measure the OLMo 2 model and take their shapes from "
-                           "its presets (and bench.cli and bench.model import each other); they are moving out "
-                           "of olmo2_kernels into their own package, after which this entry goes",
-}
-
-
-def excepted(module: str) -> bool:
-    return any(module == pkg or module.startswith(pkg + ".") for pkg in KNOWN_EXCEPTIONS)
+PACKAGES = ("olmo2", "olmo2_kernels", "benchmarks")
 
 
 def module_name(path: Path) -> str:
@@ -140,14 +130,24 @@ def test_kernels_never_import_the_model_package():
     offenders = sorted(
         f"{module} imports {target}"
         for module, targets in graph.items() if module.partition(".")[0] == "olmo2_kernels"
-        for target in targets if target.partition(".")[0] == "olmo2" and not excepted(module)
+        for target in targets if target.partition(".")[0] == "olmo2"
     )
     assert not offenders, "olmo2_kernels must not depend on olmo2:\n" + "\n".join(offenders)
 
 
+def test_nothing_below_imports_the_benchmarks():
+    graph = import_graph()
+    offenders = sorted(
+        f"{module} imports {target}"
+        for module, targets in graph.items() if module.partition(".")[0] != "benchmarks"
+        for target in targets if target.partition(".")[0] == "benchmarks"
+    )
+    assert not offenders, "olmo2 and olmo2_kernels must not depend on the benchmarks:\n" + "\n".join(offenders)
+
+
 def test_no_import_cycles():
     graph = import_graph()
-    cycles = [c for c in find_cycles(graph) if not all(excepted(m) for m in c if not m.startswith("("))]
+    cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
@@ -176,4 +176,3 @@ def test_the_checker_sees_a_kernel_importing_the_model(tmp_path):
     (tmp_path / "op.py").write_text("def f():\n    from olmo2.model import IGNORE_INDEX\n")
     known = {"olmo2", "olmo2.model", "olmo2_kernels", "olmo2_kernels.op"}
     assert imports_of("olmo2_kernels.op", tmp_path / "op.py", known) == {"olmo2.model"}
-    assert not excepted("olmo2_kernels.op") and excepted("olmo2_kernels.bench.cli")

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import olmo2_kernels
+from benchmarks import cli, harness, specs
 from olmo2_kernels import reference
-from olmo2_kernels.bench import cli, harness, specs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "run_gpu.sh"

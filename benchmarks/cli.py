@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from . import harness, report
+from . import harness, kernels, plots, report
 from .impls import IMPLS
+from .model import ATTN_CHOICES, IMPL_NAMES, run_model_benchmark
 from .specs import CPU_PRESET, GPU_PRESETS, OPS, canonical_preset, plan
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -50,6 +51,11 @@ def _device(value: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("olmo2-bench: --device cuda, but no CUDA device is available")
     return dev
+
+
+def _dtype(args, device: torch.device) -> torch.dtype:
+    """``--dtype``, else bf16 on GPU and fp32 on CPU (where bf16 matmuls have no fast path)."""
+    return DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -88,8 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("model", help="forward+backward steps of an OLMo 2 model: our kernels vs eager, compile, transformers")
     _add_common(m)
-    from .model import ATTN_CHOICES, IMPL_NAMES
-
     m.add_argument("--preset", default=None, help="model preset (default: 1b on GPU, tiny on CPU)")
     m.add_argument("--seq-len", type=int, default=None, help="default: 4096 on GPU, 128 on CPU")
     m.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 4 on GPU, 2 on CPU)")
@@ -122,8 +126,6 @@ def _timing_config(device: torch.device, quick: bool, budget: float | None) -> h
 def _plots(doc: dict, out: Path, enabled: bool, name: str = "model") -> None:
     if not enabled:
         return
-    from . import plots
-
     written, why = plots.plot(doc, out, name)
     if why:
         print(f"[bench] plots skipped: {why}")
@@ -141,7 +143,7 @@ def _apply_threads(args) -> None:
 def cmd_kernels(args) -> int:
     device = _device(args.device)
     _apply_threads(args)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = _dtype(args, device)
     try:
         cases = plan(device.type, ops=args.ops, presets=args.presets, quick=args.quick, tokens=args.tokens)
     except ValueError as exc:
@@ -181,9 +183,7 @@ def cmd_kernels(args) -> int:
         "rows": [],
     }
     path = args.out / f"{args.name}.json"
-    from .kernels import run
-
-    for rows in run(cases, impl_names, device, dtype, quick=args.quick, seed=args.seed, timing=timing,
+    for rows in kernels.run(cases, impl_names, device, dtype, quick=args.quick, seed=args.seed, timing=timing,
                     ceilings=ceilings):
         doc["rows"].extend(rows)
         lines, _ = report.kernel_lines(rows)
@@ -200,11 +200,9 @@ def cmd_kernels(args) -> int:
 
 
 def cmd_model(args) -> int:
-    from .model import run_model_benchmark
-
     device = _device(args.device)
     _apply_threads(args)
-    doc = run_model_benchmark(args, device)
+    doc = run_model_benchmark(args, device, _dtype(args, device))
     path = args.out / f"{args.name}.json"
     report.write_json(path, doc)
     print()

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import reference
+from olmo2_kernels import reference
 from .specs import OpSpec
 
 

@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from olmo2.config import Olmo2Config
+
 EPS = 1e-6  # OLMo 2's RMSNorm eps (official checkpoints)
 Z_LOSS = 1e-5  # OLMo 2's z-loss coefficient
 IGNORE_INDEX = -100
@@ -71,8 +73,6 @@ def canonical_preset(name: str) -> str:
 def layout(preset: str) -> ModelLayout:
     """The layout of a model preset of :data:`olmo2.config.PRESETS`, the one
     registry of OLMo 2 sizes."""
-    from olmo2.config import Olmo2Config
-
     cfg = Olmo2Config.preset(canonical_preset(preset))
     return ModelLayout(
         name=canonical_preset(preset),

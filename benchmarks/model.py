@@ -22,7 +22,8 @@ our model's ``attn_backend="flash_attn"``, transformers'
 A step is ``model(input_ids, labels=...).loss.backward()`` with gradients
 set to None before each step, outside the timed region; no optimizer.
 Reported: tokens/s, MFU (``olmo2.config.flops_per_token`` over the device's
-dense bf16 peak where known, else the measured matmul rate), the
+dense bf16 peak from :mod:`olmo2.hardware`, the trainer's table, where known,
+else the measured matmul rate), the
 cross-entropy of the first step (all implementations see the same weights and
 tokens, so these agree to rounding), and peak memory.
 """
@@ -35,6 +36,11 @@ import time
 import traceback
 
 import torch
+
+import olmo2_kernels
+from olmo2 import Olmo2ForCausalLM
+from olmo2.config import Olmo2Config, flops_per_token
+from olmo2.hardware import peak_flops as datasheet_peak_flops
 
 from . import harness, report
 from .specs import Z_LOSS, canonical_preset
@@ -52,35 +58,16 @@ DESCRIPTIONS = {
     "transformers": "transformers.Olmo2ForCausalLM, attention per --attn-backend, same weights; loss without z-loss",
 }
 
-# Dense bf16/fp16 tensor-core peaks (no sparsity), by device-name substring,
-# most specific first. MFU conventions (OLMo-core, torchtitan) use these.
-DEVICE_PEAK_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989.5e12),
-    ("H200", 989.5e12),
-    ("A100", 312e12),
-)
-
-
 def peak_flops(device: torch.device, dtype: torch.dtype, measured_tflops: float | None) -> tuple[float | None, str]:
+    """(FLOP/s, where it comes from): the datasheet peak the trainer's MFU uses
+    (:func:`olmo2.hardware.peak_flops`), else the matmul rate measured in this run."""
     name = report.device_name(device)
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        for key, value in DEVICE_PEAK_FLOPS:
-            if key in name:
-                return value, f"{name} dense {str(dtype).replace('torch.', '')} peak {value / 1e12:.1f} TFLOP/s"
+    value = datasheet_peak_flops(device, dtype)
+    if value is not None:
+        return value, f"{name} dense {str(dtype).replace('torch.', '')} peak {value / 1e12:.1f} TFLOP/s"
     if measured_tflops:
         return measured_tflops * 1e12, f"measured matmul rate {measured_tflops:.3g} TFLOP/s (no datasheet peak for this device/dtype)"
     return None, "n/a"
-
-
-def _missing_model() -> str | None:
-    try:
-        import olmo2  # noqa: F401
-        from olmo2 import Olmo2ForCausalLM  # noqa: F401
-        from olmo2.config import Olmo2Config, flops_per_token  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"olmo2 model not importable ({type(exc).__name__}: {exc})"
-    return None
 
 
 def _defaults(args, device: torch.device) -> dict:
@@ -99,13 +86,7 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def run_model_benchmark(args, device: torch.device) -> dict:
-    import olmo2_kernels
-
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    from .cli import DTYPES
-
-    dtype = DTYPES[dtype_name]
+def run_model_benchmark(args, device: torch.device, dtype: torch.dtype) -> dict:
     cfg = _defaults(args, device)
     attn = getattr(args, "attn_backend", None) or "sdpa"
     if attn not in ATTN_CHOICES:
@@ -119,14 +100,11 @@ def run_model_benchmark(args, device: torch.device) -> dict:
                    "impl_descriptions": {n: DESCRIPTIONS[n] for n in args.impls}},
         "rows": [],
     }
-    missing = _missing_model() or (_missing_flash_attn() if attn == "flash_attn" else None)
+    missing = _missing_flash_attn() if attn == "flash_attn" else None
     if missing:
         print(f"[bench] model benchmark skipped: {missing}")
         doc["rows"] = [{"impl": n, "status": "skipped", "reason": missing} for n in args.impls]
         return doc
-
-    from olmo2 import Olmo2ForCausalLM
-    from olmo2.config import Olmo2Config, flops_per_token
 
     overrides = {"attn_backend": _ATTN_IMPLS[attn][0]}
     model_cfg = Olmo2Config.preset(cfg["preset"], **overrides)

@@ -1,4 +1,0 @@
-"""``python -m olmo2_kernels.bench``: the ``olmo2-bench`` command without its script."""
-from .cli import main
-
-raise SystemExit(main())
