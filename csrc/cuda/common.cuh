@@ -12,6 +12,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common/dtype.h"
 
@@ -135,6 +136,26 @@ inline void check_launch(const char* op) {
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("olmo2_kernels CUDA ") + op + ": " + cudaGetErrorString(err));
+}
+
+// ---- vector or scalar launches ---------------------------------------------------------------
+// Every kernel is a template over its pack width N (elements per access). The
+// launcher instantiates it twice: N = Vec (one 16-byte access) runs when
+// `packed` holds, i.e. when every pointer the kernel offsets by packs is
+// aligned to a pack and every row length and stride it uses is a multiple of
+// Vec (packable(), aligned()); N = 1 otherwise. `launch` does the launch (or
+// launches) of one width: it receives std::integral_constant<int, N>, so
+// decltype(width)::value instantiates the kernel at N, and the grid may depend
+// on N. The emulation still checks every pack access for alignment (load_pack,
+// store_pack), so a predicate that admits a misaligned operand fails a test.
+template <int Vec, typename Launch>
+inline void launch_packed_or_scalar(const char* op, bool packed, Launch&& launch) {
+  if (packed) {
+    launch(std::integral_constant<int, Vec>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+  check_launch(op);
 }
 
 inline void require(bool ok, const char* op, const std::string& msg) {

@@ -144,14 +144,12 @@ void cross_entropy_fwd(const CrossEntropyFwdParams& p, void* stream_ptr) {
   dispatch_dtype(p.dtype, op, [&](auto t) {
     using T = decltype(t);
     constexpr int V = kVec<T>;
-    const bool vec = packable(p.logits, p.logits_stride, p.rows, p.vocab, V, sizeof(T));
-    const int threads = block_threads(vec ? p.vocab / V : p.vocab, 4, kThreads);
-    if (vec) {
-      OLMO2_LAUNCH((ce_fwd_kernel<T, V>), grid_for(p.rows), threads, stream)(p);
-    } else {
-      OLMO2_LAUNCH((ce_fwd_kernel<T, 1>), grid_for(p.rows), threads, stream)(p);
-    }
-    check_launch(op);
+    const bool packed = packable(p.logits, p.logits_stride, p.rows, p.vocab, V, sizeof(T));
+    launch_packed_or_scalar<V>(op, packed, [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      const int threads = block_threads(p.vocab / N, 4, kThreads);
+      OLMO2_LAUNCH((ce_fwd_kernel<T, N>), grid_for(p.rows), threads, stream)(p);
+    });
   });
 }
 
@@ -166,15 +164,13 @@ void cross_entropy_bwd(const CrossEntropyBwdParams& p, void* stream_ptr) {
       using O = decltype(o);
       // Packs of 16 bytes of the wider type (8 of the narrower when the dtypes differ).
       constexpr int V = kVec<T> < kVec<O> ? kVec<T> : kVec<O>;
-      const bool vec = packable(p.logits, p.logits_stride, p.rows, p.vocab, V, sizeof(T)) &&
-                       packable(p.out, p.out_stride, p.rows, p.vocab, V, sizeof(O));
-      const int threads = block_threads(vec ? p.vocab / V : p.vocab, 4, kThreads);
-      if (vec) {
-        OLMO2_LAUNCH((ce_bwd_kernel<T, O, V>), grid_for(p.rows), threads, stream)(p);
-      } else {
-        OLMO2_LAUNCH((ce_bwd_kernel<T, O, 1>), grid_for(p.rows), threads, stream)(p);
-      }
-      check_launch(op);
+      const bool packed = packable(p.logits, p.logits_stride, p.rows, p.vocab, V, sizeof(T)) &&
+                          packable(p.out, p.out_stride, p.rows, p.vocab, V, sizeof(O));
+      launch_packed_or_scalar<V>(op, packed, [&](auto width) {
+        constexpr int N = decltype(width)::value;
+        const int threads = block_threads(p.vocab / N, 4, kThreads);
+        OLMO2_LAUNCH((ce_bwd_kernel<T, O, N>), grid_for(p.rows), threads, stream)(p);
+      });
     });
   });
 }

@@ -359,17 +359,14 @@ void rms_norm_fwd(const RmsNormFwdParams& p, void* stream_ptr) {
     using T = decltype(xt);
     using W = decltype(wt);
     constexpr int V = kVec<T>;
-    const bool vec = packable(p.x, p.x_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.y, p.y_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.w, 0, 1, p.cols, V, sizeof(W));
-    const int64_t packs = vec ? p.cols / V : p.cols;
-    const int threads = block_threads(packs, 2, kFwdThreads);
-    if (vec) {
-      OLMO2_LAUNCH((rms_norm_fwd_kernel<T, W, V>), grid_for(p.rows), threads, stream)(p);
-    } else {
-      OLMO2_LAUNCH((rms_norm_fwd_kernel<T, W, 1>), grid_for(p.rows), threads, stream)(p);
-    }
-    check_launch(op);
+    const bool packed = packable(p.x, p.x_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.y, p.y_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.w, 0, 1, p.cols, V, sizeof(W));
+    launch_packed_or_scalar<V>(op, packed, [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      const int threads = block_threads(p.cols / N, 2, kFwdThreads);
+      OLMO2_LAUNCH((rms_norm_fwd_kernel<T, W, N>), grid_for(p.rows), threads, stream)(p);
+    });
   });
 }
 
@@ -385,19 +382,15 @@ void rms_norm_bwd(const RmsNormBwdParams& p, void* stream_ptr) {
     using T = decltype(xt);
     using W = decltype(wt);
     constexpr int V = kVec<T>;
-    const bool vec = packable(p.x, p.x_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.dy, p.dy_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.dx, p.dx_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.w, 0, 1, p.cols, V, sizeof(W)) && aligned(p.partial, V * sizeof(float));
-    if (vec) {
-      DyGrad<T, V> grad{static_cast<const T*>(p.dy), p.dy_stride};
+    const bool packed = packable(p.x, p.x_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.dy, p.dy_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.dx, p.dx_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.w, 0, 1, p.cols, V, sizeof(W)) && aligned(p.partial, V * sizeof(float));
+    launch_packed_or_scalar<V>(op, packed, [&](auto width) {
+      const DyGrad<T, decltype(width)::value> grad{static_cast<const T*>(p.dy), p.dy_stride};
       launch_norm_bwd<T, W>(op, p.x, p.x_stride, p.w, p.rstd, p.dx, p.dx_stride, p.dw, p.partial, p.n_partials,
                             p.rows, cols, grad, stream);
-    } else {
-      DyGrad<T, 1> grad{static_cast<const T*>(p.dy), p.dy_stride};
-      launch_norm_bwd<T, W>(op, p.x, p.x_stride, p.w, p.rstd, p.dx, p.dx_stride, p.dw, p.partial, p.n_partials,
-                            p.rows, cols, grad, stream);
-    }
+    });
   });
 }
 
@@ -411,18 +404,15 @@ void norm_rope_fwd(const NormRopeFwdParams& p, void* stream_ptr) {
     using T = decltype(xt);
     using W = decltype(wt);
     constexpr int V = kVec<T>;
-    const bool vec = (p.head_dim / 2) % V == 0 && packable(p.x, p.x_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.y, p.y_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.w, 0, 1, p.cols, V, sizeof(W)) && aligned(p.cos, V * sizeof(float)) &&
-                     aligned(p.sin, V * sizeof(float));
-    const int64_t packs = vec ? p.cols / V : p.cols;
-    const int threads = block_threads(packs, 2, kFwdThreads);
-    if (vec) {
-      OLMO2_LAUNCH((norm_rope_fwd_kernel<T, W, V>), grid_for(p.rows), threads, stream)(p);
-    } else {
-      OLMO2_LAUNCH((norm_rope_fwd_kernel<T, W, 1>), grid_for(p.rows), threads, stream)(p);
-    }
-    check_launch(op);
+    const bool packed = (p.head_dim / 2) % V == 0 && packable(p.x, p.x_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.y, p.y_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.w, 0, 1, p.cols, V, sizeof(W)) && aligned(p.cos, V * sizeof(float)) &&
+                        aligned(p.sin, V * sizeof(float));
+    launch_packed_or_scalar<V>(op, packed, [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      const int threads = block_threads(p.cols / N, 2, kFwdThreads);
+      OLMO2_LAUNCH((norm_rope_fwd_kernel<T, W, N>), grid_for(p.rows), threads, stream)(p);
+    });
   });
 }
 
@@ -440,20 +430,17 @@ void norm_rope_bwd(const NormRopeBwdParams& p, void* stream_ptr) {
     using T = decltype(xt);
     using W = decltype(wt);
     constexpr int V = kVec<T>;
-    const bool vec = (p.head_dim / 2) % V == 0 && packable(p.x, p.x_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.dy, p.dy_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.dx, p.dx_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.w, 0, 1, p.cols, V, sizeof(W)) && aligned(p.cos, V * sizeof(float)) &&
-                     aligned(p.sin, V * sizeof(float)) && aligned(p.partial, V * sizeof(float));
-    if (vec) {
-      UnrotatedGrad<T, V> grad{static_cast<const T*>(p.dy), p.dy_stride, p.cos, p.sin, p.seq_len, head_dim};
+    const bool packed = (p.head_dim / 2) % V == 0 && packable(p.x, p.x_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.dy, p.dy_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.dx, p.dx_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.w, 0, 1, p.cols, V, sizeof(W)) && aligned(p.cos, V * sizeof(float)) &&
+                        aligned(p.sin, V * sizeof(float)) && aligned(p.partial, V * sizeof(float));
+    launch_packed_or_scalar<V>(op, packed, [&](auto width) {
+      const UnrotatedGrad<T, decltype(width)::value> grad{static_cast<const T*>(p.dy), p.dy_stride, p.cos, p.sin,
+                                                          p.seq_len, head_dim};
       launch_norm_bwd<T, W>(op, p.x, p.x_stride, p.w, p.rstd, p.dx, p.dx_stride, p.dw, p.partial, p.n_partials,
                             p.rows, cols, grad, stream);
-    } else {
-      UnrotatedGrad<T, 1> grad{static_cast<const T*>(p.dy), p.dy_stride, p.cos, p.sin, p.seq_len, head_dim};
-      launch_norm_bwd<T, W>(op, p.x, p.x_stride, p.w, p.rstd, p.dx, p.dx_stride, p.dw, p.partial, p.n_partials,
-                            p.rows, cols, grad, stream);
-    }
+    });
   });
 }
 

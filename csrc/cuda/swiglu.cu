@@ -102,15 +102,13 @@ void swiglu_fwd(const SwigluFwdParams& params, void* stream_ptr) {
   dispatch_dtype(p.dtype, op, [&](auto t) {
     using T = decltype(t);
     constexpr int V = kVec<T>;
-    const bool vec = packable(p.gate, p.gate_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.up, p.up_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.y, p.y_stride, p.rows, p.cols, V, sizeof(T));
-    if (vec) {
-      OLMO2_LAUNCH((swiglu_fwd_kernel<T, V>), grid_2d(shape, V), kThreads, stream)(p);
-    } else {
-      OLMO2_LAUNCH((swiglu_fwd_kernel<T, 1>), grid_2d(shape, 1), kThreads, stream)(p);
-    }
-    check_launch(op);
+    const bool packed = packable(p.gate, p.gate_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.up, p.up_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.y, p.y_stride, p.rows, p.cols, V, sizeof(T));
+    launch_packed_or_scalar<V>(op, packed, [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      OLMO2_LAUNCH((swiglu_fwd_kernel<T, N>), grid_2d(shape, N), kThreads, stream)(p);
+    });
   });
 }
 
@@ -127,17 +125,15 @@ void swiglu_bwd(const SwigluBwdParams& params, void* stream_ptr) {
   dispatch_dtype(p.dtype, op, [&](auto t) {
     using T = decltype(t);
     constexpr int V = kVec<T>;
-    const bool vec = packable(p.dy, p.dy_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.gate, p.gate_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.up, p.up_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.dgate, p.dgate_stride, p.rows, p.cols, V, sizeof(T)) &&
-                     packable(p.dup, p.dup_stride, p.rows, p.cols, V, sizeof(T));
-    if (vec) {
-      OLMO2_LAUNCH((swiglu_bwd_kernel<T, V>), grid_2d(shape, V), kThreads, stream)(p);
-    } else {
-      OLMO2_LAUNCH((swiglu_bwd_kernel<T, 1>), grid_2d(shape, 1), kThreads, stream)(p);
-    }
-    check_launch(op);
+    const bool packed = packable(p.dy, p.dy_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.gate, p.gate_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.up, p.up_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.dgate, p.dgate_stride, p.rows, p.cols, V, sizeof(T)) &&
+                        packable(p.dup, p.dup_stride, p.rows, p.cols, V, sizeof(T));
+    launch_packed_or_scalar<V>(op, packed, [&](auto width) {
+      constexpr int N = decltype(width)::value;
+      OLMO2_LAUNCH((swiglu_bwd_kernel<T, N>), grid_2d(shape, N), kThreads, stream)(p);
+    });
   });
 }
 
