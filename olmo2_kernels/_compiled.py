@@ -3,9 +3,11 @@ backends).
 
 Each function takes tensors already validated and laid out by the op module
 (2-D row views with unit stride along the last dim; other strides are passed to
-the kernels), allocates the outputs, picks the CUDA stream, and calls ``_C``
-with raw pointers, sizes and strides. Signatures are the same as the Triton
-launchers in each op module:
+the kernels), allocates the outputs, picks the CUDA stream, and calls the ``_C``
+function of the same name with keyword arguments named after the fields of its
+parameter struct (one row of the op table, csrc/common/op_table.h): raw
+pointers, sizes and strides. Signatures are the same as the Triton launchers in
+each op module:
 
 rms_norm_fwd(x, weight, eps) -> (y, rstd)
     x (rows, cols); y contiguous, dtype of x; rstd (rows,) fp32.
@@ -156,8 +158,9 @@ def rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]
     kernels, stream = _kernels("rms_norm", x.device)
     with _on(x.device):
         kernels.rms_norm_fwd(
-            x.data_ptr(), x.stride(0), w.data_ptr(), y.data_ptr(), y.stride(0), rstd.data_ptr(),
-            rows, cols, float(eps), _code("rms_norm", "x", x), _code("rms_norm", "weight", w), stream,
+            x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(), y=y.data_ptr(), y_stride=y.stride(0),
+            rstd=rstd.data_ptr(), rows=rows, cols=cols, eps=float(eps),
+            x_dtype=_code("rms_norm", "x", x), w_dtype=_code("rms_norm", "weight", w), stream=stream,
         )
     return y, rstd
 
@@ -177,9 +180,10 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tuple[T
     kernels, stream = _kernels("rms_norm", x.device)
     with _on(x.device):
         kernels.rms_norm_bwd(
-            dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), w.data_ptr(), rstd.data_ptr(),
-            dx.data_ptr(), dx.stride(0), dw.data_ptr(), partial.data_ptr() if partial is not None else 0,
-            n_partials, rows, cols, _code("rms_norm", "x", x), _code("rms_norm", "weight", w), stream,
+            dy=dy.data_ptr(), dy_stride=dy.stride(0), x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(),
+            rstd=rstd.data_ptr(), dx=dx.data_ptr(), dx_stride=dx.stride(0), dw=dw.data_ptr(),
+            partial=partial.data_ptr() if partial is not None else 0, n_partials=n_partials, rows=rows, cols=cols,
+            x_dtype=_code("rms_norm", "x", x), w_dtype=_code("rms_norm", "weight", w), stream=stream,
         )
     return dx, dw.to(weight.dtype).view(weight.shape)
 
@@ -197,9 +201,10 @@ def norm_rope_fwd(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, head_dim:
     kernels, stream = _kernels("qk_norm_rope", x.device)
     with _on(x.device):
         kernels.norm_rope_fwd(
-            x.data_ptr(), x.stride(0), w.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), y.stride(0),
-            rstd.data_ptr(), rows, cols, cos.shape[0], int(head_dim), float(eps),
-            _code("qk_norm_rope", "x", x), _code("qk_norm_rope", "weight", w), stream,
+            x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
+            y=y.data_ptr(), y_stride=y.stride(0), rstd=rstd.data_ptr(), rows=rows, cols=cols,
+            seq_len=cos.shape[0], head_dim=int(head_dim), eps=float(eps),
+            x_dtype=_code("qk_norm_rope", "x", x), w_dtype=_code("qk_norm_rope", "weight", w), stream=stream,
         )
     return y, rstd
 
@@ -221,10 +226,11 @@ def norm_rope_bwd(
     kernels, stream = _kernels("qk_norm_rope", x.device)
     with _on(x.device):
         kernels.norm_rope_bwd(
-            dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), w.data_ptr(), rstd.data_ptr(),
-            cos.data_ptr(), sin.data_ptr(), dx.data_ptr(), dx.stride(0), dw.data_ptr(),
-            partial.data_ptr() if partial is not None else 0, n_partials, rows, cols, cos.shape[0],
-            int(head_dim), _code("qk_norm_rope", "x", x), _code("qk_norm_rope", "weight", w), stream,
+            dy=dy.data_ptr(), dy_stride=dy.stride(0), x=x.data_ptr(), x_stride=x.stride(0), w=w.data_ptr(),
+            rstd=rstd.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(), dx=dx.data_ptr(),
+            dx_stride=dx.stride(0), dw=dw.data_ptr(), partial=partial.data_ptr() if partial is not None else 0,
+            n_partials=n_partials, rows=rows, cols=cols, seq_len=cos.shape[0], head_dim=int(head_dim),
+            x_dtype=_code("qk_norm_rope", "x", x), w_dtype=_code("qk_norm_rope", "weight", w), stream=stream,
         )
     return dx, dw.to(weight.dtype).view(weight.shape)
 
@@ -246,8 +252,9 @@ def cross_entropy_fwd(logits: Tensor, labels: Tensor, ignore_index: int, z_loss_
     kernels, stream = _kernels("cross_entropy", logits.device)
     with _on(logits.device):
         kernels.cross_entropy_fwd(
-            logits.data_ptr(), logits.stride(0), labels.data_ptr(), ce.data_ptr(), z.data_ptr(), lse.data_ptr(),
-            rows, vocab, int(ignore_index), float(z_loss_coef), _code("cross_entropy", "logits", logits), stream,
+            logits=logits.data_ptr(), logits_stride=logits.stride(0), labels=labels.data_ptr(), ce=ce.data_ptr(),
+            z=z.data_ptr(), lse=lse.data_ptr(), rows=rows, vocab=vocab, ignore_index=int(ignore_index),
+            z_coef=float(z_loss_coef), dtype=_code("cross_entropy", "logits", logits), stream=stream,
         )
     return ce, z, lse
 
@@ -287,10 +294,11 @@ def cross_entropy_bwd(
     kernels, stream = _kernels("cross_entropy", logits.device)
     with _on(logits.device):
         kernels.cross_entropy_bwd(
-            logits.data_ptr(), logits.stride(0), labels.data_ptr(), lse.data_ptr(), grad_ce.data_ptr(),
-            grad_ce.stride(0), grad_z.data_ptr(), grad_z.stride(0), out.data_ptr(), out.stride(0), rows, vocab,
-            int(ignore_index), float(z_loss_coef), _code("cross_entropy", "logits", logits),
-            out_code, stream,
+            logits=logits.data_ptr(), logits_stride=logits.stride(0), labels=labels.data_ptr(), lse=lse.data_ptr(),
+            grad_ce=grad_ce.data_ptr(), grad_ce_stride=grad_ce.stride(0), grad_z=grad_z.data_ptr(),
+            grad_z_stride=grad_z.stride(0), out=out.data_ptr(), out_stride=out.stride(0), rows=rows, vocab=vocab,
+            ignore_index=int(ignore_index), z_coef=float(z_loss_coef),
+            dtype=_code("cross_entropy", "logits", logits), out_dtype=out_code, stream=stream,
         )
     return out
 
@@ -306,8 +314,9 @@ def swiglu_fwd(gate: Tensor, up: Tensor) -> Tensor:
         kernels, stream = _kernels("swiglu", gate.device)
         with _on(gate.device):
             kernels.swiglu_fwd(
-                gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0), y.data_ptr(), y.stride(0),
-                rows, cols, _code("swiglu", "gate", gate), stream,
+                gate=gate.data_ptr(), gate_stride=gate.stride(0), up=up.data_ptr(), up_stride=up.stride(0),
+                y=y.data_ptr(), y_stride=y.stride(0), rows=rows, cols=cols, dtype=_code("swiglu", "gate", gate),
+                stream=stream,
             )
     return y.view(shape)
 
@@ -324,8 +333,9 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
         kernels, stream = _kernels("swiglu", gate.device)
         with _on(gate.device):
             kernels.swiglu_bwd(
-                dy.data_ptr(), dy.stride(0), gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0),
-                dgate.data_ptr(), dgate.stride(0), dup.data_ptr(), dup.stride(0), rows, cols,
-                _code("swiglu", "gate", gate), stream,
+                dy=dy.data_ptr(), dy_stride=dy.stride(0), gate=gate.data_ptr(), gate_stride=gate.stride(0),
+                up=up.data_ptr(), up_stride=up.stride(0), dgate=dgate.data_ptr(), dgate_stride=dgate.stride(0),
+                dup=dup.data_ptr(), dup_stride=dup.stride(0), rows=rows, cols=cols,
+                dtype=_code("swiglu", "gate", gate), stream=stream,
             )
     return dgate.view(shape), dup.view(shape)

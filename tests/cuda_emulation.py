@@ -4,12 +4,17 @@ shuffles) into a shared library, and an object that stands in for ``_C.cuda``.
 
 A test monkeypatches ``_compiled._kernels`` to return ``kernels(tmp_dir)``: the
 launchers then run the CUDA kernels through the same plumbing (pointers,
-strides, alignment choices) as on a GPU. Not covered by emulation: device math
-precision, concurrency, timing.
+strides, alignment choices, keyword arguments) as on a GPU. Not covered by
+emulation: device math precision, concurrency, timing.
+
+The parameter structs are mirrored in ctypes from the layout the library
+itself reports (``olmo2_emu_param_layouts``, generated from the op table
+csrc/common/op_table.h): no copy of the structs is kept here.
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import subprocess
@@ -19,19 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 _RUNTIME = ROOT / "csrc" / "cuda" / "emulation.cpp"
 
-# (name, kind) per field of each parameter struct in csrc/common/params.h, in
-# order; the `_C` functions take the same arguments in the same order.
-_P, _I, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-PARAMS = {
-    "rms_norm_fwd": [_P, _I, _P, _P, _I, _P, _I, _I, _F, _D, _D],
-    "rms_norm_bwd": [_P, _I, _P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _D, _D],
-    "norm_rope_fwd": [_P, _I, _P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _F, _D, _D],
-    "norm_rope_bwd": [_P, _I, _P, _I, _P, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _D, _D],
-    "cross_entropy_fwd": [_P, _I, _P, _P, _P, _P, _I, _I, _I, _F, _D],
-    "cross_entropy_bwd": [_P, _I, _P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _F, _D, _D],
-    "swiglu_fwd": [_P, _I, _P, _I, _P, _I, _I, _I, _D],
-    "swiglu_bwd": [_P, _I, _P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _D],
-}
+# Field types of csrc/common/param_layout.h.
+_CTYPES = {"pointer": ctypes.c_void_p, "int64": ctypes.c_int64, "float32": ctypes.c_float, "int32": ctypes.c_int}
 
 
 def cuda_include_dir() -> Path | None:
@@ -57,22 +51,39 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 
+def params_struct(kernel: str, layout: dict) -> type[ctypes.Structure]:
+    """The ctypes mirror of one parameter struct from its layout ({"params", "size",
+    "fields": [(name, type, offset), ...]}); checks that ctypes lays it out the same."""
+    fields = [(name, _CTYPES[kind]) for name, kind, _ in layout["fields"]]
+    struct = type(layout["params"], (ctypes.Structure,), {"_fields_": fields})
+    for name, _, offset in layout["fields"]:
+        assert getattr(struct, name).offset == offset, f"{kernel}.{name}: ctypes offset differs from the C++ one"
+    assert ctypes.sizeof(struct) == layout["size"], f"{kernel}: ctypes size differs from the C++ one"
+    return struct
+
+
 class EmulatedCudaKernels:
-    """Stands in for ``_C.cuda``: same functions, run by the emulation library."""
+    """Stands in for ``_C.cuda``: the same functions (keyword arguments named after
+    the fields, and ``stream``), run by the emulation library."""
 
     def __init__(self, lib: ctypes.CDLL):
         self._lib = lib
         lib.olmo2_emu_last_error.restype = ctypes.c_char_p
-        for name, kinds in PARAMS.items():
-            struct = type(name, (ctypes.Structure,), {"_fields_": [(f"f{i}", k) for i, k in enumerate(kinds)]})
-            setattr(self, name, self._make(name, struct, len(kinds)))
+        lib.olmo2_emu_param_layouts.restype = ctypes.c_char_p
+        self.layouts = json.loads(lib.olmo2_emu_param_layouts().decode())
+        for kernel, layout in self.layouts.items():
+            setattr(self, kernel, self._make(kernel, params_struct(kernel, layout)))
 
-    def _make(self, name, struct, n_fields):
-        fn = getattr(self._lib, f"olmo2_emu_{name}")
+    def _make(self, kernel: str, struct: type[ctypes.Structure]):
+        fn = getattr(self._lib, f"olmo2_emu_{kernel}")
+        names = {name for name, _ in struct._fields_}
 
-        def call(*args):
-            assert len(args) == n_fields + 1, f"{name}: {len(args)} arguments"  # + stream
-            if fn(ctypes.byref(struct(*args[:n_fields]))):
+        def call(*, stream: int = 0, **fields):
+            if set(fields) != names:  # as pybind11 refuses a missing or unknown keyword
+                raise TypeError(
+                    f"{kernel}: missing {sorted(names - set(fields))}, unexpected {sorted(set(fields) - names)}"
+                )
+            if fn(ctypes.byref(struct(**fields))):
                 raise RuntimeError(self._lib.olmo2_emu_last_error().decode())
 
         return call

@@ -1,5 +1,6 @@
-"""The compiled extension ``olmo2_kernels._C``: it loads, says what it holds, rejects
-impossible arguments with Python exceptions, and its launchers
+"""The compiled extension ``olmo2_kernels._C``: it loads, says what it holds, takes
+keyword arguments named after the op table's fields (csrc/common/op_table.h)
+and rejects impossible ones with Python exceptions, and its launchers
 (``olmo2_kernels._compiled``) match the float64 spec on every op, forward and
 backward, for fp32, bf16 and fp16, odd shapes and strided rows.
 
@@ -215,55 +216,83 @@ class TestBindingsRejectBadArguments:
             self.rms(x=-16)
 
     def test_empty_is_fine_with_null_pointers(self):
-        C.cpu.rms_norm_fwd(0, 0, 0, 0, 0, 0, 0, 8, 1e-6, 0, 0)
+        C.cpu.rms_norm_fwd(x=0, x_stride=0, w=0, y=0, y_stride=0, rstd=0, rows=0, cols=8, eps=1e-6, x_dtype=0,
+                           w_dtype=0)
+
+    def test_keywords_only(self):
+        """16 positional integers are easy to misorder: every argument is named."""
+        with pytest.raises(TypeError):
+            C.cpu.rms_norm_fwd(0, 0, 0, 0, 0, 0, 0, 8, 1e-6, 0, 0)
+        with pytest.raises(TypeError):
+            self.rms(rstd_pointer=self.rstd.data_ptr())  # an unknown keyword
+
+    def norm_rope(self, cos, **overrides):
+        args = dict(
+            x=self.x.data_ptr(), x_stride=8, w=self.w.data_ptr(), cos=cos.data_ptr(), sin=cos.data_ptr(),
+            y=self.y.data_ptr(), y_stride=8, rstd=self.rstd.data_ptr(), rows=4, cols=8, seq_len=4, head_dim=8,
+            eps=1e-6, x_dtype=0, w_dtype=0,
+        )
+        args.update(overrides)
+        C.cpu.norm_rope_fwd(**args)
 
     @pytest.mark.parametrize("head_dim, msg", [(3, "head_dim must be a positive even"), (0, "head_dim must be"),
                                                (6, r"cols \(8\) must be a multiple of head_dim \(6\)")])
     def test_norm_rope_head_dim(self, head_dim, msg):
         cos = torch.ones(4, max(head_dim, 1))
         with pytest.raises(ValueError, match=f"norm_rope_fwd: {msg}"):
-            C.cpu.norm_rope_fwd(self.x.data_ptr(), 8, self.w.data_ptr(), cos.data_ptr(), cos.data_ptr(),
-                                self.y.data_ptr(), 8, self.rstd.data_ptr(), 4, 8, 4, head_dim, 1e-6, 0, 0)
+            self.norm_rope(cos, head_dim=head_dim)
 
     def test_norm_rope_zero_seq_len(self):
-        cos = torch.ones(4, 8)
-        with pytest.raises(ValueError, match="seq_len must be > 0"):
-            C.cpu.norm_rope_fwd(self.x.data_ptr(), 8, self.w.data_ptr(), cos.data_ptr(), cos.data_ptr(),
-                                self.y.data_ptr(), 8, self.rstd.data_ptr(), 4, 8, 0, 8, 1e-6, 0, 0)
+        with pytest.raises(ValueError, match="norm_rope_fwd: seq_len must be > 0"):
+            self.norm_rope(torch.ones(4, 8), seq_len=0)
 
-    def test_cross_entropy_bad_vocab_and_dtype(self):
+    def cross_entropy_fwd(self, **overrides):
         labels = torch.zeros(4, dtype=torch.int64)
         out = [torch.empty(4) for _ in range(3)]
-        ptrs = [t.data_ptr() for t in out]
+        args = dict(
+            logits=self.x.data_ptr(), logits_stride=8, labels=labels.data_ptr(), ce=out[0].data_ptr(),
+            z=out[1].data_ptr(), lse=out[2].data_ptr(), rows=4, vocab=8, ignore_index=-100, z_coef=0.0, dtype=0,
+        )
+        args.update(overrides)
+        C.cpu.cross_entropy_fwd(**args)
+
+    def test_cross_entropy_bad_vocab_and_dtype(self):
         with pytest.raises(ValueError, match="cross_entropy_fwd: vocab must be >= 0"):
-            C.cpu.cross_entropy_fwd(self.x.data_ptr(), 8, labels.data_ptr(), *ptrs, 4, -8, -100, 0.0, 0)
-        with pytest.raises(ValueError, match="cross_entropy_fwd: logits dtype must be a dtype code"):
-            C.cpu.cross_entropy_fwd(self.x.data_ptr(), 8, labels.data_ptr(), *ptrs, 4, 8, -100, 0.0, 7)
+            self.cross_entropy_fwd(vocab=-8)
+        with pytest.raises(ValueError, match="cross_entropy_fwd: dtype must be a dtype code"):
+            self.cross_entropy_fwd(dtype=7)
+
+    def cross_entropy_bwd(self, **overrides):
+        t = torch.zeros(4)
+        labels = torch.zeros(4, dtype=torch.int64)
+        args = dict(
+            logits=self.x.data_ptr(), logits_stride=8, labels=labels.data_ptr(), lse=t.data_ptr(),
+            grad_ce=t.data_ptr(), grad_ce_stride=1, grad_z=t.data_ptr(), grad_z_stride=1, out=self.y.data_ptr(),
+            out_stride=8, rows=4, vocab=8, ignore_index=-100, z_coef=0.0, dtype=0, out_dtype=0,
+        )
+        args.update(overrides)
+        C.cpu.cross_entropy_bwd(**args)
 
     def test_cross_entropy_bwd_alias_with_other_stride(self):
-        t = torch.zeros(4)
-        labels = torch.zeros(4, dtype=torch.int64)
         with pytest.raises(ValueError, match="out aliases logits with a different row stride"):
-            C.cpu.cross_entropy_bwd(self.x.data_ptr(), 8, labels.data_ptr(), t.data_ptr(), t.data_ptr(), 1,
-                                    t.data_ptr(), 1, self.x.data_ptr(), 16, 4, 8, -100, 0.0, 0, 0)
+            self.cross_entropy_bwd(out=self.x.data_ptr(), out_stride=16)
 
     def test_cross_entropy_bwd_alias_with_other_dtype(self):
-        t = torch.zeros(4)
-        labels = torch.zeros(4, dtype=torch.int64)
-        with pytest.raises(ValueError, match="out aliases logits with a different dtype"):
-            C.cpu.cross_entropy_bwd(self.x.data_ptr(), 8, labels.data_ptr(), t.data_ptr(), t.data_ptr(), 1,
-                                    t.data_ptr(), 1, self.x.data_ptr(), 8, 4, 8, -100, 0.0, 0, 1)
+        with pytest.raises(ValueError, match=r"out aliases logits with a different dtype \(code 1 vs 0\)"):
+            self.cross_entropy_bwd(out=self.x.data_ptr(), out_dtype=1)
 
     def test_cross_entropy_bwd_bad_out_dtype(self):
-        t = torch.zeros(4)
-        labels = torch.zeros(4, dtype=torch.int64)
-        with pytest.raises(ValueError, match="cross_entropy_bwd: out dtype must be a dtype code"):
-            C.cpu.cross_entropy_bwd(self.x.data_ptr(), 8, labels.data_ptr(), t.data_ptr(), t.data_ptr(), 1,
-                                    t.data_ptr(), 1, self.y.data_ptr(), 8, 4, 8, -100, 0.0, 0, 3)
+        with pytest.raises(ValueError, match="cross_entropy_bwd: out_dtype must be a dtype code"):
+            self.cross_entropy_bwd(out_dtype=3)
+
+    def test_cross_entropy_bwd_negative_grad_stride(self):
+        with pytest.raises(ValueError, match="cross_entropy_bwd: grad_z_stride must be >= 0, got -1"):
+            self.cross_entropy_bwd(grad_z_stride=-1)
 
     def test_swiglu_bad_dtype(self):
         with pytest.raises(ValueError, match="swiglu_fwd: dtype must be a dtype code"):
-            C.cpu.swiglu_fwd(self.x.data_ptr(), 8, self.x.data_ptr(), 8, self.y.data_ptr(), 8, 4, 8, 5)
+            C.cpu.swiglu_fwd(gate=self.x.data_ptr(), gate_stride=8, up=self.x.data_ptr(), up_stride=8,
+                             y=self.y.data_ptr(), y_stride=8, rows=4, cols=8, dtype=5)
 
     def test_cast_bad_arguments(self):
         with pytest.raises(ValueError, match="cast: n must be >= 0"):
@@ -274,6 +303,24 @@ class TestBindingsRejectBadArguments:
     def test_launcher_rejects_float64(self):
         with pytest.raises(TypeError, match="rms_norm: x must be float32, bfloat16 or float16"):
             _compiled.rms_norm_fwd(torch.randn(2, 4, dtype=torch.float64), torch.ones(4), 1e-6)
+
+
+def test_param_layouts_describe_the_structs(emulated_cuda):
+    """The extension and the CUDA emulation (another compiler, C++20) describe each
+    parameter struct of the op table alike, and ctypes lays the emulation's
+    mirror out at the described offsets (cuda_emulation.params_struct checks it)."""
+    layouts = {
+        kernel: {**layout, "fields": [list(field) for field in layout["fields"]]}
+        for kernel, layout in C.param_layouts().items()
+    }
+    assert layouts == emulated_cuda.layouts
+    for kernel, layout in layouts.items():
+        assert hasattr(C.cpu, kernel) and hasattr(emulated_cuda, kernel)
+        names = [name for name, _, _ in layout["fields"]]
+        assert len(set(names)) == len(names) and "stream" not in names
+        offsets = [offset for _, _, offset in layout["fields"]]
+        assert offsets == sorted(offsets) and offsets[-1] < layout["size"]
+    assert layouts["rms_norm_fwd"]["fields"][:2] == [["x", "pointer", 0], ["x_stride", "int64", 8]]
 
 
 # --------------------------------------------------------------------------- conversions

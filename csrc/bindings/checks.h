@@ -2,6 +2,10 @@
 // lays tensors out correctly, so these only catch impossible arguments (an
 // unknown dtype code, a negative size, a null pointer with work to do, a row
 // stride shorter than a row) with a ValueError instead of a crash in a kernel.
+//
+// check(const Params&) is generated from the rules that the op table
+// (common/op_table.h) gives each field, applied field by field in the table's
+// order; an error names the op and the field (the keyword argument).
 #pragma once
 
 #include <cstdint>
@@ -33,8 +37,10 @@ inline void check_ptr(const char* op, const char* name, const void* ptr, bool ne
 }
 
 // A (rows, cols) matrix with unit column stride and row stride `stride`.
+// Negative sizes are left to their own count() rule.
 inline void check_matrix(const char* op, const char* name, const void* ptr, int64_t stride, int64_t rows,
                          int64_t cols) {
+  if (rows < 0 || cols < 0) return;
   const bool nonempty = rows > 0 && cols > 0;
   check_ptr(op, name, ptr, nonempty);
   if (stride < 0) fail(op, std::string(name) + ": row stride must be >= 0, got " + std::to_string(stride));
@@ -45,129 +51,103 @@ inline void check_matrix(const char* op, const char* name, const void* ptr, int6
     fail(op, std::string(name) + ": rows x row stride overflows int64");
 }
 
-inline void check_rows_cols(const char* op, int64_t rows, int64_t cols) {
-  check_size(op, "rows", rows);
-  check_size(op, "cols", cols);
+// ---- the rules of the op table --------------------------------------------------------------
+// Each is a function object called with (op, field name, field value).
+namespace rules {
+
+struct AnyValue {
+  template <typename V>
+  void operator()(const char*, const char*, V) const {}
+};
+inline AnyValue any_value() { return {}; }
+// A row stride is checked by the matrix() rule of its pointer.
+inline AnyValue row_stride() { return {}; }
+
+struct Count {
+  void operator()(const char* op, const char* name, int64_t v) const { check_size(op, name, v); }
+};
+inline Count count() { return {}; }
+
+struct DtypeCode {
+  void operator()(const char* op, const char* name, int code) const { check_dtype(op, name, code); }
+};
+inline DtypeCode dtype_code() { return {}; }
+
+struct NeededIf {
+  bool needed;
+  void operator()(const char* op, const char* name, const void* ptr) const { check_ptr(op, name, ptr, needed); }
+};
+inline NeededIf needed_if(bool needed) { return {needed}; }
+
+struct Matrix {
+  int64_t stride, rows, cols;
+  void operator()(const char* op, const char* name, const void* ptr) const {
+    check_matrix(op, name, ptr, stride, rows, cols);
+  }
+};
+inline Matrix matrix(int64_t stride, int64_t rows, int64_t cols) { return {stride, rows, cols}; }
+
+// seq_len: each row needs a position.
+struct PositiveIfRows {
+  int64_t rows;
+  void operator()(const char* op, const char* name, int64_t v) const {
+    if (rows > 0 && v == 0) fail(op, std::string(name) + " must be > 0 when there are rows");
+  }
+};
+inline PositiveIfRows positive_if_rows(int64_t rows) { return {rows}; }
+
+// head_dim: a positive even number (rotate_half pairs its halves) dividing the row.
+struct RopeHeadDim {
+  int64_t cols;
+  void operator()(const char* op, const char* name, int64_t head_dim) const {
+    if (head_dim <= 0 || head_dim % 2)
+      fail(op, std::string(name) + " must be a positive even number, got " + std::to_string(head_dim));
+    if (cols > 0 && cols % head_dim)
+      fail(op, "cols (" + std::to_string(cols) + ") must be a multiple of " + name + " (" +
+                   std::to_string(head_dim) + ")");
+  }
+};
+inline RopeHeadDim rope_head_dim(int64_t cols) { return {cols}; }
+
+// An output that may be an input buffer itself, but then with its row stride and dtype.
+struct SameLayoutIfAlias {
+  const char* other_name;
+  const void* other;
+  int64_t other_stride;
+  int other_dtype;
+  int64_t stride;
+  int dtype;
+  void operator()(const char* op, const char* name, const void* ptr) const {
+    if (ptr != other) return;
+    if (stride != other_stride)
+      fail(op, std::string(name) + " aliases " + other_name + " with a different row stride");
+    if (dtype != other_dtype)
+      fail(op, std::string(name) + " aliases " + other_name + " with a different dtype (code " +
+                   std::to_string(dtype) + " vs " + std::to_string(other_dtype) + ")");
+  }
+};
+inline SameLayoutIfAlias same_layout_if_alias_of(const char* other_name, const void* other, int64_t other_stride,
+                                                 int other_dtype, int64_t stride, int dtype) {
+  return {other_name, other, other_stride, other_dtype, stride, dtype};
 }
 
-inline void check(const RmsNormFwdParams& p) {
-  const char* op = "rms_norm_fwd";
-  check_dtype(op, "x dtype", p.x_dtype);
-  check_dtype(op, "weight dtype", p.w_dtype);
-  check_rows_cols(op, p.rows, p.cols);
-  check_matrix(op, "x", p.x, p.x_stride, p.rows, p.cols);
-  check_matrix(op, "y", p.y, p.y_stride, p.rows, p.cols);
-  check_ptr(op, "weight", p.w, p.rows > 0 && p.cols > 0);
-  check_ptr(op, "rstd", p.rstd, p.rows > 0);
+}  // namespace rules
+
+template <typename V, typename... Rules>
+inline void check_field(const char* op, const char* name, V value, const Rules&... field_rules) {
+  (field_rules(op, name, value), ...);
 }
 
-inline void check(const RmsNormBwdParams& p) {
-  const char* op = "rms_norm_bwd";
-  check_dtype(op, "x dtype", p.x_dtype);
-  check_dtype(op, "weight dtype", p.w_dtype);
-  check_rows_cols(op, p.rows, p.cols);
-  check_matrix(op, "dy", p.dy, p.dy_stride, p.rows, p.cols);
-  check_matrix(op, "x", p.x, p.x_stride, p.rows, p.cols);
-  check_matrix(op, "dx", p.dx, p.dx_stride, p.rows, p.cols);
-  check_ptr(op, "weight", p.w, p.rows > 0 && p.cols > 0);
-  check_ptr(op, "rstd", p.rstd, p.rows > 0);
-  check_ptr(op, "dweight", p.dw, p.cols > 0);
-  check_size(op, "n_partials", p.n_partials);
-}
-
-inline void check_heads(const char* op, int64_t rows, int64_t cols, int64_t seq_len, int64_t head_dim) {
-  if (head_dim <= 0 || head_dim % 2)
-    fail(op, "head_dim must be a positive even number, got " + std::to_string(head_dim));
-  if (cols % head_dim)
-    fail(op, "cols (" + std::to_string(cols) + ") must be a multiple of head_dim (" + std::to_string(head_dim) + ")");
-  check_size(op, "seq_len", seq_len);
-  if (rows > 0 && seq_len == 0) fail(op, "seq_len must be > 0 when there are rows");
-}
-
-inline void check(const NormRopeFwdParams& p) {
-  const char* op = "norm_rope_fwd";
-  check_dtype(op, "x dtype", p.x_dtype);
-  check_dtype(op, "weight dtype", p.w_dtype);
-  check_rows_cols(op, p.rows, p.cols);
-  check_heads(op, p.rows, p.cols, p.seq_len, p.head_dim);
-  check_matrix(op, "x", p.x, p.x_stride, p.rows, p.cols);
-  check_matrix(op, "y", p.y, p.y_stride, p.rows, p.cols);
-  const bool work = p.rows > 0 && p.cols > 0;
-  check_ptr(op, "weight", p.w, work);
-  check_ptr(op, "cos", p.cos, work);
-  check_ptr(op, "sin", p.sin, work);
-  check_ptr(op, "rstd", p.rstd, p.rows > 0);
-}
-
-inline void check(const NormRopeBwdParams& p) {
-  const char* op = "norm_rope_bwd";
-  check_dtype(op, "x dtype", p.x_dtype);
-  check_dtype(op, "weight dtype", p.w_dtype);
-  check_rows_cols(op, p.rows, p.cols);
-  check_heads(op, p.rows, p.cols, p.seq_len, p.head_dim);
-  check_matrix(op, "dy", p.dy, p.dy_stride, p.rows, p.cols);
-  check_matrix(op, "x", p.x, p.x_stride, p.rows, p.cols);
-  check_matrix(op, "dx", p.dx, p.dx_stride, p.rows, p.cols);
-  const bool work = p.rows > 0 && p.cols > 0;
-  check_ptr(op, "weight", p.w, work);
-  check_ptr(op, "cos", p.cos, work);
-  check_ptr(op, "sin", p.sin, work);
-  check_ptr(op, "rstd", p.rstd, p.rows > 0);
-  check_ptr(op, "dweight", p.dw, p.cols > 0);
-  check_size(op, "n_partials", p.n_partials);
-}
-
-inline void check(const CrossEntropyFwdParams& p) {
-  const char* op = "cross_entropy_fwd";
-  check_dtype(op, "logits dtype", p.dtype);
-  check_size(op, "rows", p.rows);
-  check_size(op, "vocab", p.vocab);
-  check_matrix(op, "logits", p.logits, p.logits_stride, p.rows, p.vocab);
-  check_ptr(op, "labels", p.labels, p.rows > 0);
-  check_ptr(op, "ce", p.ce, p.rows > 0);
-  check_ptr(op, "z", p.z, p.rows > 0);
-  check_ptr(op, "lse", p.lse, p.rows > 0);
-}
-
-inline void check(const CrossEntropyBwdParams& p) {
-  const char* op = "cross_entropy_bwd";
-  check_dtype(op, "logits dtype", p.dtype);
-  check_dtype(op, "out dtype", p.out_dtype);
-  check_size(op, "rows", p.rows);
-  check_size(op, "vocab", p.vocab);
-  check_matrix(op, "logits", p.logits, p.logits_stride, p.rows, p.vocab);
-  check_matrix(op, "out", p.out, p.out_stride, p.rows, p.vocab);
-  check_ptr(op, "labels", p.labels, p.rows > 0);
-  check_ptr(op, "lse", p.lse, p.rows > 0);
-  check_ptr(op, "grad_ce", p.grad_ce, p.rows > 0);
-  check_ptr(op, "grad_z", p.grad_z, p.rows > 0);
-  check_size(op, "grad_ce stride", p.grad_ce_stride);
-  check_size(op, "grad_z stride", p.grad_z_stride);
-  if (p.out == p.logits && p.out_stride != p.logits_stride)
-    fail(op, "out aliases logits with a different row stride");
-  if (p.out == p.logits && p.out_dtype != p.dtype)
-    fail(op, "out aliases logits with a different dtype (code " + std::to_string(p.out_dtype) + " vs " +
-                 std::to_string(p.dtype) + ")");
-}
-
-inline void check(const SwigluFwdParams& p) {
-  const char* op = "swiglu_fwd";
-  check_dtype(op, "dtype", p.dtype);
-  check_rows_cols(op, p.rows, p.cols);
-  check_matrix(op, "gate", p.gate, p.gate_stride, p.rows, p.cols);
-  check_matrix(op, "up", p.up, p.up_stride, p.rows, p.cols);
-  check_matrix(op, "y", p.y, p.y_stride, p.rows, p.cols);
-}
-
-inline void check(const SwigluBwdParams& p) {
-  const char* op = "swiglu_bwd";
-  check_dtype(op, "dtype", p.dtype);
-  check_rows_cols(op, p.rows, p.cols);
-  check_matrix(op, "dy", p.dy, p.dy_stride, p.rows, p.cols);
-  check_matrix(op, "gate", p.gate, p.gate_stride, p.rows, p.cols);
-  check_matrix(op, "up", p.up, p.up_stride, p.rows, p.cols);
-  check_matrix(op, "dgate", p.dgate, p.dgate_stride, p.rows, p.cols);
-  check_matrix(op, "dup", p.dup, p.dup_stride, p.rows, p.cols);
-}
+// check(const Params& p) per entry point of the table.
+#define OLMO2_CHECK_FIELD(type, name, ...) check_field(op, #name, p.name, __VA_ARGS__);
+#define OLMO2_DEFINE_CHECK(kernel, Params, FIELDS, doc) \
+  inline void check(const Params& p) {                  \
+    using namespace rules;                              \
+    const char* op = #kernel;                           \
+    FIELDS(OLMO2_CHECK_FIELD)                           \
+  }
+OLMO2_OPS(OLMO2_DEFINE_CHECK)
+#undef OLMO2_DEFINE_CHECK
+#undef OLMO2_CHECK_FIELD
 
 }  // namespace olmo2::bindings

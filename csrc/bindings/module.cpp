@@ -6,8 +6,10 @@
 // the module builds with a CPU-only torch installed (or none) and survives torch
 // upgrades.
 //
-// Submodules `cpu` and (when built with CUDA) `cuda` hold the same functions
-// (bindings/ops.h); `capabilities()["ops"]` lists the ops per device.
+// Submodules `cpu` and (when built with CUDA) `cuda` hold the same functions,
+// one per entry point of the op table (common/op_table.h, bound by
+// bindings/ops.h); `capabilities()["ops"]` lists the ops per device and
+// `param_layouts()` the parameter structs' layout.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -15,6 +17,7 @@
 #include <vector>
 
 #include "bindings/ops.h"
+#include "common/param_layout.h"
 #include "cpu/info.h"
 #include "cpu/kernels.h"
 #ifdef OLMO2_HAVE_CUDA
@@ -29,39 +32,44 @@ namespace py = pybind11;
 
 namespace {
 
-// Public op names (olmo2_kernels op modules) that the kernels of this module
-// back. linear_cross_entropy runs on the cross-entropy row kernels plus torch
-// matmuls.
-const std::vector<std::string> kOps = {"rms_norm", "qk_norm_rope", "cross_entropy", "linear_cross_entropy",
-                                       "swiglu"};
+// Public op names (olmo2_kernels op modules) that the kernels of this module back.
+const std::vector<std::string> kOps = {
+#define OLMO2_PUBLIC_OP_NAME(name) #name,
+    OLMO2_PUBLIC_OPS(OLMO2_PUBLIC_OP_NAME)
+#undef OLMO2_PUBLIC_OP_NAME
+};
 
+// The forwarders register_ops() binds: one per entry point of the op table.
 struct CpuBackend {
-  static void rms_norm_fwd(const olmo2::RmsNormFwdParams& p, void*) { olmo2::cpu::rms_norm_fwd(p); }
-  static void rms_norm_bwd(const olmo2::RmsNormBwdParams& p, void*) { olmo2::cpu::rms_norm_bwd(p); }
-  static void norm_rope_fwd(const olmo2::NormRopeFwdParams& p, void*) { olmo2::cpu::norm_rope_fwd(p); }
-  static void norm_rope_bwd(const olmo2::NormRopeBwdParams& p, void*) { olmo2::cpu::norm_rope_bwd(p); }
-  static void cross_entropy_fwd(const olmo2::CrossEntropyFwdParams& p, void*) { olmo2::cpu::cross_entropy_fwd(p); }
-  static void cross_entropy_bwd(const olmo2::CrossEntropyBwdParams& p, void*) { olmo2::cpu::cross_entropy_bwd(p); }
-  static void swiglu_fwd(const olmo2::SwigluFwdParams& p, void*) { olmo2::cpu::swiglu_fwd(p); }
-  static void swiglu_bwd(const olmo2::SwigluBwdParams& p, void*) { olmo2::cpu::swiglu_bwd(p); }
+#define OLMO2_CPU_FORWARDER(kernel, Params, ...) \
+  static void kernel(const olmo2::Params& p, void*) { olmo2::cpu::kernel(p); }
+  OLMO2_OPS(OLMO2_CPU_FORWARDER)
+#undef OLMO2_CPU_FORWARDER
 };
 
 #ifdef OLMO2_HAVE_CUDA
 struct CudaBackend {
-  static void rms_norm_fwd(const olmo2::RmsNormFwdParams& p, void* s) { olmo2::cuda::rms_norm_fwd(p, s); }
-  static void rms_norm_bwd(const olmo2::RmsNormBwdParams& p, void* s) { olmo2::cuda::rms_norm_bwd(p, s); }
-  static void norm_rope_fwd(const olmo2::NormRopeFwdParams& p, void* s) { olmo2::cuda::norm_rope_fwd(p, s); }
-  static void norm_rope_bwd(const olmo2::NormRopeBwdParams& p, void* s) { olmo2::cuda::norm_rope_bwd(p, s); }
-  static void cross_entropy_fwd(const olmo2::CrossEntropyFwdParams& p, void* s) {
-    olmo2::cuda::cross_entropy_fwd(p, s);
-  }
-  static void cross_entropy_bwd(const olmo2::CrossEntropyBwdParams& p, void* s) {
-    olmo2::cuda::cross_entropy_bwd(p, s);
-  }
-  static void swiglu_fwd(const olmo2::SwigluFwdParams& p, void* s) { olmo2::cuda::swiglu_fwd(p, s); }
-  static void swiglu_bwd(const olmo2::SwigluBwdParams& p, void* s) { olmo2::cuda::swiglu_bwd(p, s); }
+#define OLMO2_CUDA_FORWARDER(kernel, Params, ...) \
+  static void kernel(const olmo2::Params& p, void* stream) { olmo2::cuda::kernel(p, stream); }
+  OLMO2_OPS(OLMO2_CUDA_FORWARDER)
+#undef OLMO2_CUDA_FORWARDER
 };
 #endif
+
+// {kernel: {"params": struct name, "size": bytes, "fields": [(name, type, offset), ...]}}
+py::dict param_layouts() {
+  py::dict out;
+  for (const olmo2::ParamsLayout& layout : olmo2::param_layouts()) {
+    py::list fields;
+    for (const olmo2::FieldLayout& f : layout.fields) fields.append(py::make_tuple(f.name, f.type, f.offset));
+    py::dict entry;
+    entry["params"] = layout.params;
+    entry["size"] = layout.size;
+    entry["fields"] = fields;
+    out[layout.kernel] = entry;
+  }
+  return out;
+}
 
 py::dict capabilities() {
   py::dict caps;
@@ -93,6 +101,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "olmo2_kernels compiled kernels (CPU, and CUDA when built with it)";
   m.def("version", []() { return std::string(OLMO2_KERNELS_VERSION); });
   m.def("capabilities", &capabilities, "What this build of the extension contains");
+  m.def("param_layouts", &param_layouts,
+        "Layout of each kernel's parameter struct (common/op_table.h): name, type and byte offset per field");
 
   py::module_ cpu = m.def_submodule("cpu", "C++ kernels for CPU tensors (OpenMP over rows)");
   olmo2::bindings::register_ops<CpuBackend>(cpu);

@@ -96,14 +96,10 @@ void set_cpu_isa(const std::string& name) {
   active().store(isa);
 }
 
-void rms_norm_fwd(const RmsNormFwdParams& p) { OLMO2_CPU_FORWARD(rms_norm_fwd, p); }
-void rms_norm_bwd(const RmsNormBwdParams& p) { OLMO2_CPU_FORWARD(rms_norm_bwd, p); }
-void norm_rope_fwd(const NormRopeFwdParams& p) { OLMO2_CPU_FORWARD(norm_rope_fwd, p); }
-void norm_rope_bwd(const NormRopeBwdParams& p) { OLMO2_CPU_FORWARD(norm_rope_bwd, p); }
-void cross_entropy_fwd(const CrossEntropyFwdParams& p) { OLMO2_CPU_FORWARD(cross_entropy_fwd, p); }
-void cross_entropy_bwd(const CrossEntropyBwdParams& p) { OLMO2_CPU_FORWARD(cross_entropy_bwd, p); }
-void swiglu_fwd(const SwigluFwdParams& p) { OLMO2_CPU_FORWARD(swiglu_fwd, p); }
-void swiglu_bwd(const SwigluBwdParams& p) { OLMO2_CPU_FORWARD(swiglu_bwd, p); }
+#define OLMO2_CPU_DISPATCH(kernel, Params, ...) \
+  void kernel(const Params& p) { OLMO2_CPU_FORWARD(kernel, p); }
+OLMO2_OPS(OLMO2_CPU_DISPATCH)
+#undef OLMO2_CPU_DISPATCH
 void cast(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n) {
   OLMO2_CPU_FORWARD(cast, src, src_dtype, dst, dst_dtype, n);
 }

@@ -23,14 +23,10 @@ void set_cpu_isa(const std::string& name);
 void set_num_threads(int n);
 int num_threads();
 
-void rms_norm_fwd(const RmsNormFwdParams& p);
-void rms_norm_bwd(const RmsNormBwdParams& p);
-void norm_rope_fwd(const NormRopeFwdParams& p);
-void norm_rope_bwd(const NormRopeBwdParams& p);
-void cross_entropy_fwd(const CrossEntropyFwdParams& p);
-void cross_entropy_bwd(const CrossEntropyBwdParams& p);
-void swiglu_fwd(const SwigluFwdParams& p);
-void swiglu_bwd(const SwigluBwdParams& p);
+// One entry point per row of the op table (common/op_table.h):
+//   void <kernel>(const <Params>& p);
+#define OLMO2_CPU_DECLARE_KERNEL(kernel, Params, ...) void kernel(const Params& p);
+OLMO2_OPS(OLMO2_CPU_DECLARE_KERNEL)
 
 // Converts n contiguous elements between dtypes (tests check the bf16/fp16
 // rounding against torch's with it).

@@ -2,9 +2,11 @@
 // CUDA launchers for tests: build with
 //   g++ -std=c++20 -DOLMO2_CUDA_EMULATION -I csrc -I <cuda>/include -x c++ csrc/cuda/*.cu \
 //       -x none csrc/cuda/emulation.cpp -shared -fPIC -o libolmo2_cuda_emulation.so
-// and call olmo2_emu_<op>(const Params*) (common/params.h) on host pointers; each
-// returns 0, or 1 with the message in olmo2_emu_last_error(). Not part of the
-// extension (CMake builds only csrc/cuda/*.cu, with nvcc).
+// and call olmo2_emu_<kernel>(const Params*) (one per entry point of the op
+// table, common/op_table.h) on host pointers; each returns 0, or 1 with the
+// message in olmo2_emu_last_error(). olmo2_emu_param_layouts() describes the
+// structs (JSON). Not part of the extension (CMake builds only csrc/cuda/*.cu,
+// with nvcc).
 #ifndef OLMO2_CUDA_EMULATION
 #error "emulation.cpp is built with -DOLMO2_CUDA_EMULATION"
 #endif
@@ -15,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "common/param_layout.h"
 #include "cuda/common.cuh"
 #include "cuda/launchers.h"
 
@@ -163,28 +166,19 @@ int guarded(Fn&& fn) {
 
 extern "C" {
 const char* olmo2_emu_last_error() { return g_error.c_str(); }
-int olmo2_emu_rms_norm_fwd(const olmo2::RmsNormFwdParams* p) {
-  return guarded([&] { olmo2::cuda::rms_norm_fwd(*p, nullptr); });
+
+// The parameter structs' layout (common/param_layout.h) as JSON: the ctypes
+// mirror of tests/cuda_emulation.py is built from it.
+const char* olmo2_emu_param_layouts() {
+  static const std::string json = olmo2::param_layouts_json();
+  return json.c_str();
 }
-int olmo2_emu_rms_norm_bwd(const olmo2::RmsNormBwdParams* p) {
-  return guarded([&] { olmo2::cuda::rms_norm_bwd(*p, nullptr); });
-}
-int olmo2_emu_norm_rope_fwd(const olmo2::NormRopeFwdParams* p) {
-  return guarded([&] { olmo2::cuda::norm_rope_fwd(*p, nullptr); });
-}
-int olmo2_emu_norm_rope_bwd(const olmo2::NormRopeBwdParams* p) {
-  return guarded([&] { olmo2::cuda::norm_rope_bwd(*p, nullptr); });
-}
-int olmo2_emu_cross_entropy_fwd(const olmo2::CrossEntropyFwdParams* p) {
-  return guarded([&] { olmo2::cuda::cross_entropy_fwd(*p, nullptr); });
-}
-int olmo2_emu_cross_entropy_bwd(const olmo2::CrossEntropyBwdParams* p) {
-  return guarded([&] { olmo2::cuda::cross_entropy_bwd(*p, nullptr); });
-}
-int olmo2_emu_swiglu_fwd(const olmo2::SwigluFwdParams* p) {
-  return guarded([&] { olmo2::cuda::swiglu_fwd(*p, nullptr); });
-}
-int olmo2_emu_swiglu_bwd(const olmo2::SwigluBwdParams* p) {
-  return guarded([&] { olmo2::cuda::swiglu_bwd(*p, nullptr); });
-}
+
+// int olmo2_emu_<kernel>(const <Params>* p) per entry point of the op table.
+#define OLMO2_EMU_ENTRY(kernel, Params, ...)                                 \
+  int olmo2_emu_##kernel(const olmo2::Params* p) {                           \
+    return guarded([&] { olmo2::cuda::kernel(*p, nullptr); });              \
+  }
+OLMO2_OPS(OLMO2_EMU_ENTRY)
+#undef OLMO2_EMU_ENTRY
 }

@@ -10,14 +10,10 @@
 
 namespace olmo2::cuda {
 
-void rms_norm_fwd(const RmsNormFwdParams& p, void* stream);
-// Needs p.partial: fp32 n_partials x cols, n_partials >= 1 (one row per block).
-void rms_norm_bwd(const RmsNormBwdParams& p, void* stream);
-void norm_rope_fwd(const NormRopeFwdParams& p, void* stream);
-void norm_rope_bwd(const NormRopeBwdParams& p, void* stream);
-void cross_entropy_fwd(const CrossEntropyFwdParams& p, void* stream);
-void cross_entropy_bwd(const CrossEntropyBwdParams& p, void* stream);
-void swiglu_fwd(const SwigluFwdParams& p, void* stream);
-void swiglu_bwd(const SwigluBwdParams& p, void* stream);
+// One entry point per row of the op table (common/op_table.h):
+//   void <kernel>(const <Params>& p, void* stream);
+#define OLMO2_CUDA_DECLARE_LAUNCHER(kernel, Params, ...) void kernel(const Params& p, void* stream);
+OLMO2_OPS(OLMO2_CUDA_DECLARE_LAUNCHER)
+#undef OLMO2_CUDA_DECLARE_LAUNCHER
 
 }  // namespace olmo2::cuda
