@@ -4,8 +4,10 @@ The model half: :class:`Olmo2Config` (presets, Hugging Face ``config.json``),
 :class:`Olmo2ForCausalLM` (Hugging Face parameter names, fused kernels), the
 counts used for MFU (:func:`num_parameters`, :func:`flops_per_token`), and
 the functions around the model: :func:`load_pretrained` /
-:func:`save_pretrained` (Hugging Face folders, :mod:`olmo2.checkpoint_hf`) and
-:func:`generate` (KV-cache generation, :mod:`olmo2.generation`).
+:func:`save_pretrained` (Hugging Face folders, :mod:`olmo2.checkpoint_hf`),
+:func:`generate` (KV-cache generation, :mod:`olmo2.generation`) and
+:func:`load_tokenizer` (OLMo 2's own "dolma2" tokenizer, shipped in the
+package, or any ``tokenizer.json``; :mod:`olmo2.tokenizers`).
 
 Layers import one way: ``config`` <- ``model`` <- ``checkpoint_hf``,
 ``generation`` <- ``train`` (the trainer sub-package), ``soup``,
@@ -16,6 +18,7 @@ from .checkpoint_hf import load_pretrained, save_pretrained
 from .config import FLOPS_CONVENTION, PRESETS, Olmo2Config, flops_per_token, num_parameters
 from .generation import generate
 from .model import KVCache, Olmo2ForCausalLM, Olmo2Output
+from .tokenizers import load_tokenizer
 
 __all__ = [
     "FLOPS_CONVENTION",
@@ -27,6 +30,7 @@ __all__ = [
     "flops_per_token",
     "generate",
     "load_pretrained",
+    "load_tokenizer",
     "num_parameters",
     "save_pretrained",
 ]
