@@ -106,8 +106,12 @@ def _weight_files(folder: Path) -> dict[str, list[str]]:
     """Shard file name -> the tensor names the index assigns to it."""
     index_path = folder / SAFE_INDEX_NAME
     if index_path.is_file():
-        with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ValueError(f"load_pretrained: {SAFE_INDEX_NAME} is not a valid index ({exc}) ({index_path})") \
+                from None
         if not isinstance(weight_map, dict):
             raise ValueError(f"load_pretrained: {index_path} has no 'weight_map' object")
         files: dict[str, list[str]] = {}

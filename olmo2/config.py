@@ -175,8 +175,13 @@ class Olmo2Config:
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Olmo2Config.from_hf: no config.json at {path}")
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    hf = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"Olmo2Config.from_hf: config.json is not valid JSON ({exc}) ({path})") from None
+            if not isinstance(hf, dict):
+                raise ValueError(f"Olmo2Config.from_hf: config.json holds a {type(hf).__name__}, not an object ({path})")
             where = path
         model_type = hf.get("model_type", "olmo2")
         if model_type != "olmo2":

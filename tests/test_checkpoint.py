@@ -47,7 +47,7 @@ def test_resume_is_bitwise_exact(tmp_path):
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    trainer = Trainer(make_config(tmp_path, max_steps=2))
+    trainer = Trainer(resume_config(tmp_path, max_steps=2))
     trainer.fit()
     root = trainer.ckpt_dir
     assert (root / "latest").read_text().strip() == "step00000002"
@@ -63,13 +63,14 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "write_json", crash)
     with pytest.raises(OSError, match="simulated"):
         trainer.save()
-    assert (root / ".tmp-step00000004" / "state").is_dir()  # model/optimizer files were written
+    assert not (root / ".tmp-step00000004").exists()  # the failed save cleaned up after itself
     assert not (root / "step00000004").exists()
     assert (root / "latest").read_text().strip() == "step00000002"
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [2]
 
     monkeypatch.setattr(ckpt, "write_json", real_write_json)
-    resumed = Trainer(make_config(tmp_path, max_steps=4))
+    (root / ".tmp-step00000004" / "state").mkdir(parents=True)  # as a SIGKILL mid-save leaves it
+    resumed = Trainer(resume_config(tmp_path, max_steps=4))
     assert resumed.step == 2
     resumed.fit()
     assert (root / "latest").read_text().strip() == "step00000004"

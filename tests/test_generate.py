@@ -161,13 +161,19 @@ def test_cli_sampling_options(checkpoint, capsys):
 
 
 def test_cli_errors(checkpoint, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["--model", str(tmp_path / "absent"), "--prompt", "x"])
-    assert "is not a folder" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "absent"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("olmo2-generate: --model") and "is not a folder" in err and err.count("\n") == 1
+    assert main(["--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert "holds no model" in capsys.readouterr().err
     shutil.copy(checkpoint[0] / "config.json", tmp_path / "config.json")
-    with pytest.raises(SystemExit):
-        main(["--model", str(tmp_path), "--prompt", "x"])
+    assert main(["--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "has no tokenizer.json" in capsys.readouterr().err
+    (tmp_path / "tokenizer.json").write_bytes((checkpoint[0] / "tokenizer.json").read_bytes())
+    (tmp_path / "config.json").write_text('{"model_type": "olmo2",')  # cut short
+    assert main(["--model", str(tmp_path), "--prompt", "x", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json is not valid JSON" in err and str(tmp_path / "config.json") in err and err.count("\n") == 1
     with pytest.raises(SystemExit):
         main(["--model", str(checkpoint[0]), "--prompt", "x", "--top-p", "1.5"])
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err

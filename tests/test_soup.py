@@ -61,3 +61,21 @@ def test_soup_refuses_mismatched_architectures(tmp_path, capsys):
         soup([a, tmp_path / "small"], tmp_path / "out")
     assert main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_soup_refuses_out_over_an_input_and_warns_on_one_input(tmp_path, capsys):
+    model = Olmo2ForCausalLM.from_config(Olmo2Config.preset("olmo2-test"))
+    save_pretrained(model, str(tmp_path / "a"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    for out in (tmp_path / "a", tmp_path / "a" / "inside", tmp_path):
+        assert main([str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"olmo2-soup: --out {out} ") and "would overwrite that input" in err
+        assert err.count("olmo2-soup:") == 1 and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    assert main([str(tmp_path / "a"), "--out", str(tmp_path / "copy")]) == 0
+    captured = capsys.readouterr()
+    assert "olmo2-soup: warning: only one checkpoint given" in captured.err
+    assert main([str(tmp_path / "missing"), str(tmp_path / "a"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"olmo2-soup: checkpoint {tmp_path / 'missing'} does not exist ({tmp_path / 'missing'})\n"

@@ -1,20 +1,60 @@
-"""``olmo2-generate``: continue a prompt with a Hugging Face checkpoint folder
-that holds ``tokenizer.json`` (see :func:`olmo2.generation.generate`)."""
+"""``olmo2-generate``: continue a prompt with a model (see :func:`olmo2.generation.generate`).
+
+``--model`` is a Hugging Face folder holding ``tokenizer.json``, a run folder
+(its ``hf/`` export, else its newest trainer checkpoint that verifies) or a
+trainer checkpoint folder (the tokenizer travels in it)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 import olmo2_kernels
 
-from ..checkpoint_hf import load_pretrained
+from ..checkpoint_hf import CONFIG_NAME, load_pretrained
 from ..dtypes import DTYPES
 from ..generation import generate
+from . import errors
+
+PROG = "olmo2-generate"
+TOKENIZER = "tokenizer.json"
+
+
+def _say(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
+
+def resolve_model(path: str) -> tuple[str, str, str]:
+    """``(kind, folder, tokenizer.json)`` of ``--model``: kind ``"hf"`` (a Hugging
+    Face folder, or a run's ``hf/``) or ``"trainer"`` (a trainer checkpoint, or a
+    run or ``checkpoints`` folder holding some)."""
+    from ..train.checkpoint import TOKENIZER_FILE, resolve_checkpoint
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--model {path} is not a folder ({path})")
+    for hf in (folder, folder / "hf"):
+        if (hf / CONFIG_NAME).is_file():
+            tokenizer = hf / TOKENIZER
+            if not tokenizer.is_file():
+                raise FileNotFoundError(f"--model {path} has no {TOKENIZER} beside its weights (train with "
+                                        f"data.tokenizer set, or copy the tokenizer there) ({tokenizer})")
+            return "hf", str(hf), str(tokenizer)
+    try:
+        checkpoint = resolve_checkpoint(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--model {path} holds no model: expected {CONFIG_NAME} (Hugging Face), an hf/ "
+                                f"export or a trainer checkpoint ({path})") from None
+    candidates = [checkpoint / TOKENIZER_FILE, folder / TOKENIZER]
+    tokenizer = next((c for c in candidates if c.is_file()), None)
+    if tokenizer is None:
+        raise FileNotFoundError(f"--model {path}: its checkpoint carries no {TOKENIZER} (trained before the "
+                                f"tokenizer travelled with checkpoints, or with no known tokenizer) ({checkpoint})")
+    return "trainer", str(folder), str(tokenizer)
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -22,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Continue a prompt with an OLMo 2 checkpoint folder (Hugging Face layout plus tokenizer.json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="checkpoint folder: config.json, *.safetensors, tokenizer.json")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), run folder or trainer checkpoint")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -35,37 +76,44 @@ def _parser() -> argparse.ArgumentParser:
                    help="olmo2_kernels backend (None: OLMO2_KERNELS_BACKEND or auto)")
     p.add_argument("--attn-backend", default=None, choices=["sdpa", "eager", "flash_attn"],
                    help="attention implementation (None: the checkpoint config's, sdpa)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also OLMO2_DEBUG=1)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.model):
-        parser.error(f"--model: {args.model} is not a folder")
-    tokenizer_path = os.path.join(args.model, "tokenizer.json")
-    if not os.path.isfile(tokenizer_path):
-        parser.error(f"--model: {args.model} has no tokenizer.json")
     if args.max_new_tokens < 0:
         parser.error(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.temperature < 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    return errors.run(PROG, lambda: _generate(args), ["--debug"] if args.debug else [],
+                      errors.expected_errors())
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} but this machine has no usable CUDA device; use --device cpu")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    kind, folder, tokenizer_path = resolve_model(args.model)
 
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(tokenizer_path)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
-        parser.error("--prompt encodes to no tokens")
-    try:
-        model = load_pretrained(args.model, dtype=dtype, device=device, attn_backend=args.attn_backend)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"olmo2-generate: {exc}", file=sys.stderr)
-        return 2
+        raise ValueError(f"--prompt encodes to no tokens ({tokenizer_path})")
+    if kind == "hf":
+        model = load_pretrained(folder, dtype=dtype, device=device, attn_backend=args.attn_backend)
+    else:
+        from ..train.checkpoint import load_model_from_checkpoint
+
+        model = load_model_from_checkpoint(folder, device=device, dtype=dtype, log=_say)
+        if args.attn_backend is not None:
+            model.set_attn_backend(args.attn_backend)
     model.eval()
     generator = torch.Generator(device=device).manual_seed(args.seed)
     backend = olmo2_kernels.use_backend(args.backend) if args.backend else contextlib.nullcontext()

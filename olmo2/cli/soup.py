@@ -11,6 +11,13 @@ from typing import Sequence
 
 from ..dtypes import DTYPES
 from ..soup import soup
+from . import errors
+
+PROG = "olmo2-soup"
+
+
+def _say(text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,13 +31,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="output dtype (None: that of the first checkpoint)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json to copy into the output")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also OLMO2_DEBUG=1)")
     args = parser.parse_args(argv)
-    try:
-        out = soup(args.checkpoints, args.out, DTYPES[args.dtype] if args.dtype else None, args.tokenizer)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"olmo2-soup: {exc}", file=sys.stderr)
-        return 2
-    print(f"olmo2-soup: averaged {len(args.checkpoints)} checkpoints into {out}")
+    return errors.run(PROG, lambda: _soup(args), ["--debug"] if args.debug else [], errors.expected_errors())
+
+
+def _soup(args: argparse.Namespace) -> int:
+    if len(args.checkpoints) == 1:
+        _say(f"warning: only one checkpoint given ({args.checkpoints[0]}): there is nothing to average, the "
+             "output is a copy of it in Hugging Face format")
+    out = soup(args.checkpoints, args.out, DTYPES[args.dtype] if args.dtype else None, args.tokenizer, log=_say)
+    print(f"{PROG}: averaged {len(args.checkpoints)} checkpoints into {out}")
     return 0
 
 

@@ -6,8 +6,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from ..tokenize import MAX_COUNT, MAX_PERIOD, MIN_PERIOD, tokenize_files
+from ..tokenize import MAX_COUNT, MAX_PERIOD, MIN_PERIOD, _listing, tokenize_files
 from ..train.data import TOKEN_DTYPES
+from . import errors
+
+PROG = "olmo2-tokenize"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,18 +33,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-period", type=int, default=MAX_PERIOD, help="n-gram filter: longest period")
     parser.add_argument("--max-count", type=int, default=MAX_COUNT, help="n-gram filter: repeats that drop a document")
     parser.add_argument("--batch-size", type=int, default=256, help="documents per tokenizer call")
+    parser.add_argument("--skip-bad-lines", action="store_true",
+                        help="skip JSONL lines that are not an object with the text field (counted and reported)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also OLMO2_DEBUG=1)")
     args = parser.parse_args(argv)
-    try:
-        stats = tokenize_files(
-            args.inputs, args.out, tokenizer=args.tokenizer, dtype=args.dtype, text_field=args.text_field,
-            doc_per_line=args.doc_per_line, ngram_filter=args.ngram_filter, min_period=args.min_period,
-            max_period=args.max_period, max_count=args.max_count, eos_token=args.eos_token, eos_id=args.eos_id,
-            batch_size=args.batch_size, progress=not args.no_progress,
-        )
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"olmo2-tokenize: {exc}", file=sys.stderr)
-        return 2
+    return errors.run(PROG, lambda: _tokenize(args), ["--debug"] if args.debug else [])
+
+
+def _warn(text: str) -> None:
+    print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    stats = tokenize_files(
+        args.inputs, args.out, tokenizer=args.tokenizer, dtype=args.dtype, text_field=args.text_field,
+        doc_per_line=args.doc_per_line, ngram_filter=args.ngram_filter, min_period=args.min_period,
+        max_period=args.max_period, max_count=args.max_count, eos_token=args.eos_token, eos_id=args.eos_id,
+        batch_size=args.batch_size, progress=not args.no_progress, skip_bad_lines=args.skip_bad_lines,
+    )
+    if stats.skipped_files:
+        _warn(f"skipped {len(stats.skipped_files)} file(s) from the input folders: {_listing(stats.skipped_files)}")
+    if stats.empty_files:
+        _warn(f"{len(stats.empty_files)} input file(s) held no document: {_listing(stats.empty_files)}")
+    if stats.bad_lines:
+        _warn(f"skipped {stats.bad_lines} bad JSONL line(s): {stats.bad_line_summary}")
     print(f"{args.out}: {stats.tokens} tokens from {stats.documents - stats.dropped} documents"
           + (f" ({stats.dropped} dropped by the n-gram filter)" if args.ngram_filter else ""))
     return 0

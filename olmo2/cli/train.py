@@ -4,8 +4,12 @@
     olmo2-train --config configs/x.yaml --optim.lr=1e-3 --dry-run
     torchrun --nproc_per_node=8 -m olmo2.train --preset=olmo2-1b --data.sources='[{paths: [data/*.npy]}]'
 
-Expected errors (a bad config value, a refused resume) print one line on
-stderr and exit 2.
+Expected errors (a bad config value, a refused resume, a damaged checkpoint, a
+locked run folder, a full disk, an unavailable device or backend) print one
+line on stderr, ``olmo2-train: <what> (<path>)``, and exit 2; ``--debug`` or
+``OLMO2_DEBUG=1`` adds the traceback. SIGINT/SIGTERM finish the step, save a
+checkpoint and exit 130/143 (128 + the signal); a second signal stops at once,
+with the same code. Exit codes: 0 done, 2 error, 130 SIGINT, 143 SIGTERM.
 """
 from __future__ import annotations
 
@@ -15,12 +19,15 @@ import sys
 import textwrap
 
 from ..config import FLOPS_CONVENTION, flops_per_token, num_parameters
+from ..train import checkpoint as ckpt
 from ..train.config import PRESETS, ConfigError, TrainConfig, options_help, resolve
-from ..train.parallel import destroy_distributed, init_distributed
-from ..train.stability import NonFiniteLossError
+from ..train.parallel import destroy_distributed, init_distributed, runtime_problem
+from ..train.signals import GracefulStop, StopNow, TrainingStopped, exit_code, signal_name
 from ..train.trainer import Trainer
+from . import errors
 
-USAGE = "olmo2-train [--config FILE] [--key=value ...] [--dry-run] [-h]"
+PROG = "olmo2-train"
+USAGE = "olmo2-train [--config FILE] [--key=value ...] [--dry-run] [--debug] [-h]"
 DESCRIPTION = (
     "Train OLMo 2. The config is the dataclass defaults (the tiny demo run), then the preset "
     f"(--preset=NAME: {', '.join(PRESETS)}), then the YAML file (--config), then --key=value overrides "
@@ -32,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="olmo2-train", usage=USAGE, add_help=False, allow_abbrev=False)
     p.add_argument("--config", default=None, metavar="FILE", help="YAML file merged over the preset")
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="print the resolved config and what it implies, then exit")
+                   help="check the config, device and kernel backend, print the resolved config, then exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also OLMO2_DEBUG=1)")
     p.add_argument("-h", "--help", action="store_true", help="show this listing and exit")
     return p
 
@@ -54,9 +62,16 @@ def help_text(cfg: TrainConfig | None = None) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
-    """``[--config FILE] [--key=value ...] [--dry-run]`` -> (config, dry_run)."""
+    """``[--config FILE] [--key=value ...] [--dry-run] [--debug]`` -> (config, dry_run)."""
     args, overrides = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     return resolve(args.config, overrides), args.dry_run
+
+
+def check_runtime(cfg: TrainConfig) -> None:
+    """Refuse a device or kernel backend this machine does not have (ConfigError)."""
+    problem = runtime_problem(cfg.device, cfg.kernel_backend)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def describe(cfg: TrainConfig, world_size: int) -> str:
@@ -88,30 +103,33 @@ def main(argv: list[str] | None = None) -> int:
             cfg = None  # the listing still shows the defaults
         print(help_text(cfg))
         return 0
-    try:
-        cfg, dry_run = parse_args(argv)
-    except ConfigError as exc:
-        print(f"olmo2-train: {exc}", file=sys.stderr)
-        return 2
+    return errors.run(PROG, lambda: _train(argv), argv, errors.expected_errors())
+
+
+def _train(argv: list[str]) -> int:
+    cfg, dry_run = parse_args(argv)
+    check_runtime(cfg)
     if dry_run:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        try:
-            print(describe(cfg, world))
-        except ConfigError as exc:
-            print(f"olmo2-train: {exc}", file=sys.stderr)
-            return 2
+        print(describe(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
         return 0
-    dist_info = init_distributed(cfg.device)
-    try:
-        summary = Trainer(cfg, dist_info).fit()
-        if dist_info.is_main:
-            print(f"olmo2-train: done at step {summary['step']}, loss {summary['last_loss']}, "
-                  f"run folder {summary['run_dir']}")
-    except (ConfigError, FileNotFoundError, NonFiniteLossError) as exc:
-        print(f"olmo2-train: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
+    with GracefulStop(prog=PROG) as stop:
+        try:
+            dist_info = init_distributed(cfg.device)
+            summary = Trainer(cfg, dist_info).fit(stop=stop)
+            if dist_info.is_main:
+                print(f"{PROG}: done at step {summary['step']}, loss {summary['last_loss']}, "
+                      f"run folder {summary['run_dir']}")
+        except TrainingStopped as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+            return exit_code(exc.signum)
+        except StopNow as exc:
+            found = ckpt.list_checkpoints(os.path.join(cfg.run_dir, "checkpoints"))
+            newest = f"the newest checkpoint is {found[-1][1]}" if found else "there is no checkpoint"
+            print(f"{PROG}: stopped at once by a second {signal_name(exc.signum)}; nothing more was saved, "
+                  f"{newest} ({cfg.run_dir})", file=sys.stderr, flush=True)
+            return exit_code(exc.signum)
+        finally:
+            destroy_distributed()
     return 0
 
 

@@ -48,6 +48,7 @@ PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 KERNEL_BACKENDS = ("auto", *olmo2_kernels.BACKENDS)
+VERIFY_LEVELS = ("checksum", "size")
 # The model of the default run.
 DEFAULT_MODEL_PRESET = "olmo2-tiny"
 
@@ -98,6 +99,10 @@ class DataConfig:
     cache_dir: str | None = None
     # Check sampled token ids against the vocabulary when opening files.
     check_token_ids: bool = True
+    # Tokenizer of the token files: a shipped one ("byte", "dolma2") or a tokenizer.json (or a folder holding one);
+    # copied into the run folder, every checkpoint and the HF export. None: the one the
+    # files' olmo2-tokenize sidecars (<file>.json) name (the built-in corpus: byte).
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         _positive_int("data.seq_len", self.seq_len, minimum=2)
@@ -212,10 +217,15 @@ class CheckpointConfig:
     save_final: bool = True
     # Also write the final weights in Hugging Face format to <run_dir>/hf.
     export_hf: bool = True
+    # Check a checkpoint before loading it against its manifest: "checksum" (sizes and
+    # sha256, about 2 s per GB per core) or "size" (sizes only).
+    verify: str = "checksum"
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint.interval", self.interval, minimum=0)
         _positive_int("checkpoint.keep_last", self.keep_last, minimum=0)
+        if self.verify not in VERIFY_LEVELS:
+            raise ConfigError(f"checkpoint.verify must be one of {VERIFY_LEVELS}, got {self.verify!r}")
 
 
 def _default_model() -> Olmo2Config:
@@ -242,8 +252,10 @@ class TrainConfig:
     global_batch_tokens: int = 16 * 128
     # Tokens per forward/backward on one rank (gradient accumulation makes up the rest).
     micro_batch_tokens: int = 16 * 128
-    # Optimizer steps of the run.
+    # Optimizer steps of the run; also the decay horizon unless schedule.decay_steps is set.
     max_steps: int = 200
+    # Stop at this step without changing the schedule (OLMo-core's hard_stop); None: max_steps.
+    hard_stop: int | None = None
     # Seed of model init (and of torch/numpy/python RNGs).
     seed: int = 0
     # "auto" (cuda when available), "cpu" or "cuda".
@@ -277,6 +289,11 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         _positive_int("eval_interval", self.eval_interval, minimum=0)
         _positive_int("eval_batches", self.eval_batches)
+        if self.hard_stop is not None:
+            _positive_int("hard_stop", self.hard_stop)
+            if self.hard_stop > self.max_steps:
+                raise ConfigError(f"hard_stop ({self.hard_stop}) must be <= max_steps ({self.max_steps}); to train "
+                                  "longer, raise max_steps (and set schedule.decay_steps to keep the schedule)")
         seq = self.data.seq_len
         for name in ("global_batch_tokens", "micro_batch_tokens"):
             if getattr(self, name) % seq:
@@ -320,6 +337,11 @@ class TrainConfig:
     @property
     def decay_steps(self) -> int:
         return self.schedule.decay_steps or self.max_steps
+
+    @property
+    def stop_step(self) -> int:
+        """The step the run ends at: ``hard_stop``, else ``max_steps``."""
+        return self.hard_stop or self.max_steps
 
     @property
     def run_dir(self) -> str:
@@ -384,7 +406,7 @@ def _published(model: str, batch_instances: int, lr: float, micro_instances: int
 
 # What each preset changes from the dataclass defaults (which are the "tiny" run).
 PRESETS: dict[str, dict[str, Any]] = {
-    # The default: a few minutes on 2 CPU cores on the built-in corpus.
+    # The default, on the built-in corpus (README: its measured time on 2 CPU cores).
     "tiny": {},
     # Unit tests: seconds.
     "test": {

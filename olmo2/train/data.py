@@ -105,6 +105,36 @@ def check_token_ids(path: str, tokens: np.ndarray, dtype: str, vocab_size: int) 
         )
 
 
+SIDECAR_SUFFIX = ".json"
+
+
+def read_sidecar(path: str | os.PathLike) -> dict | None:
+    """The ``<file>.json`` that ``olmo2-tokenize`` writes beside a token file, or None
+    when there is none (or it is not such a sidecar: no ``tokenizer`` and ``tokens``)."""
+    side = os.fspath(path) + SIDECAR_SUFFIX
+    if not os.path.isfile(side):
+        return None
+    try:
+        with open(side, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and "tokenizer" in meta and "tokens" in meta else None
+
+
+def sidecar_tokenizer(path: str | os.PathLike) -> str | None:
+    """The tokenizer the sidecar of token file ``path`` names: ``"byte"`` or a path
+    (a relative one is taken from the sidecar's folder when it is not found from here)."""
+    meta = read_sidecar(path)
+    if meta is None or not isinstance(meta.get("tokenizer"), str):
+        return None
+    name = meta["tokenizer"]
+    if name == "byte" or os.path.isabs(name) or os.path.exists(name):
+        return name
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    return beside if os.path.exists(beside) else name
+
+
 def expand_paths(patterns: Sequence[str]) -> list[str]:
     """Paths from a list of paths and glob patterns, in sorted order per pattern."""
     out: list[str] = []

@@ -53,6 +53,24 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
 
 
+def runtime_problem(device: str, kernel_backend: str = "auto") -> str | None:
+    """Why this machine cannot run on ``device`` with ``kernel_backend``, or None
+    (checked by ``olmo2-train`` before training, ``--dry-run`` included)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return (f"device=cuda but this machine has no usable CUDA device (torch {torch.__version__}, "
+                "torch.cuda.is_available() is False); use --device=cpu or auto")
+    if kernel_backend == "auto":
+        return None
+    import olmo2_kernels
+
+    device_type = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    info = olmo2_kernels.backend_info()["backends"].get(kernel_backend)
+    reason = None if info is None else info["unavailable_reason"].get(device_type)
+    if reason:
+        return f"kernel_backend={kernel_backend} cannot run on {device_type}: {reason}"
+    return None
+
+
 def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
     """Join the process group that ``torchrun`` describes (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``); a single process without them."""

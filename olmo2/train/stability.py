@@ -1,10 +1,18 @@
-"""When an optimizer step is skipped: the spike rule and the non-finite guard.
+"""When an optimizer step is skipped: the spike rule and the non-finite guard,
+and the policy that keeps non-finite state out of checkpoints.
 
 :class:`StepGuard` is the trainer's one question before each optimizer update
 ("skip this step, and why?"): a non-finite loss or gradient norm is always
 skipped (and training stops after ``max_consecutive_nonfinite`` in a row); a
 loss or gradient-norm spike (:class:`SpikeDetector`) is skipped when enabled.
-Its state (the spike history, the skip counts) is checkpointed with the run.
+Its state (the spike history, the skip counts, the current run of non-finite
+steps) is checkpointed with the run.
+
+Non-finite state never reaches a checkpoint: while steps are being skipped as
+non-finite (:attr:`StepGuard.consecutive_nonfinite` > 0) the trainer saves and
+prunes nothing; :func:`first_nonfinite` is checked before every save, after
+every load, and on every non-finite step, and non-finite weights or optimizer
+state stop the run at once (:class:`NonFiniteStateError`).
 """
 from __future__ import annotations
 
@@ -12,12 +20,54 @@ import math
 from collections import deque
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 # Stop, rather than skip forever, after this many non-finite steps in a row.
 MAX_CONSECUTIVE_NONFINITE = 10
 
 
 class NonFiniteLossError(RuntimeError):
     """Loss or gradients stayed non-finite for MAX_CONSECUTIVE_NONFINITE steps."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """The weights or the optimizer state hold NaN or infinity: the run stops, nothing is saved."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)  # an FSDP2 shard (DTensor): this rank's part
+    return to_local() if to_local is not None else t
+
+
+def first_nonfinite(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> str | None:
+    """The name of the first parameter (``model.norm.weight``) or optimizer state
+    (``optimizer exp_avg of model.norm.weight``) holding NaN or infinity, or None.
+
+    One host sync for all tensors; with several ranks the verdict is all-reduced,
+    so every rank returns the same answer (the name may be another rank's ``?``).
+    """
+    names: list[str] = []
+    flags: list[torch.Tensor] = []
+    param_names: dict[int, str] = {}
+    for name, param in model.named_parameters():
+        param_names[id(param)] = name
+        names.append(name)
+        flags.append(torch.isfinite(_local(param.detach())).all())
+    if optimizer is not None:
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0:
+                    names.append(f"optimizer {key} of {param_names.get(id(param), '?')}")
+                    flags.append(torch.isfinite(_local(value.detach())).all())
+    if not flags:
+        return None
+    device = flags[0].device
+    ok = torch.stack([f.to(device) for f in flags]).to(torch.float32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    bad = (ok == 0).nonzero().flatten().tolist()
+    return names[bad[0]] if bad else None
 
 
 class SpikeDetector:
@@ -107,10 +157,11 @@ class StepGuard:
         return self.spikes.check(loss, grad_norm) if self.spikes is not None else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"nonfinite_skips": self.nonfinite_skips,
+        return {"nonfinite_skips": self.nonfinite_skips, "consecutive_nonfinite": self.consecutive_nonfinite,
                 "spike": self.spikes.state_dict() if self.spikes is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.nonfinite_skips = int(state.get("nonfinite_skips", 0))
+        self.consecutive_nonfinite = int(state.get("consecutive_nonfinite", 0))
         if self.spikes is not None and state.get("spike") is not None:
             self.spikes.load_state_dict(state["spike"])

@@ -23,12 +23,25 @@ and checkpointing (:class:`olmo2.train.checkpoint.Checkpointer`).
 Resume is exact: the checkpoint (:mod:`olmo2.train.checkpoint`) holds model,
 optimizer, step, tokens seen, data position, spike history and RNG states;
 on CPU a run of N steps and a run of N/2 steps resumed for N/2 more end with
-bitwise-identical weights.
+bitwise-identical weights. Resume loads the newest checkpoint that verifies
+(falling back loudly past damaged ones, never to a silent fresh start) and
+refuses a learning-rate schedule other than the one the checkpoint was trained
+with unless ``schedule.decay_steps`` says so (``hard_stop`` ends a run early
+without touching the schedule).
+
+Nothing lost: the run folder is locked (:mod:`olmo2.train.runlock`) for as
+long as a trainer is built or fitting; SIGINT/SIGTERM finish the step, save and
+stop (:mod:`olmo2.train.signals`); no checkpoint is written while steps are
+being skipped as non-finite, and non-finite weights stop the run
+(:mod:`olmo2.train.stability`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +55,12 @@ from ..byte_tokenizer import ByteTokenizer
 from ..config import flops_per_token, num_parameters
 from ..hardware import peak_flops
 from ..model import IGNORE_INDEX, Olmo2ForCausalLM
+from ..tokenizers import NAMES as SHIPPED_TOKENIZERS
+from ..tokenizers import save_tokenizer
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .corpus import stdlib_corpus
-from .data import EvalData, TokenSource, TrainData
+from .corpus import default_cache_dir, stdlib_corpus
+from .data import EvalData, TokenSource, TrainData, sidecar_tokenizer
 from .metrics import StepResult, TrainMetrics
 from .optim import LRSchedule, build_adamw, clip_grad_norm_, set_lr
 from .parallel import (
@@ -59,7 +74,11 @@ from .parallel import (
     resolve_strategy,
     unwrap,
 )
-from .stability import SpikeDetector, StepGuard
+from .runlock import RunLock, RunLockedError
+from .signals import GracefulStop, TrainingStopped
+from .stability import NonFiniteStateError, SpikeDetector, StepGuard, first_nonfinite
+
+SCHEDULE_KEYS = ("name", "warmup_steps", "decay_steps", "final_lr_ratio", "peak_lr")
 
 
 def seed_everything(seed: int) -> None:
@@ -71,28 +90,40 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Builds model, optimizer, data and the components from a :class:`TrainConfig`, and trains.
 
-    ``Trainer(cfg).fit()`` runs to ``cfg.max_steps`` (resuming when the run
+    ``Trainer(cfg).fit()`` runs to ``cfg.stop_step`` (resuming when the run
     folder has a checkpoint and ``cfg.resume`` allows) and returns a summary.
     ``history`` keeps the records of the last steps (all ranks; at least
-    :data:`olmo2.train.metrics.HISTORY_LIMIT` of them).
+    :data:`olmo2.train.metrics.HISTORY_LIMIT` of them). The run folder is locked
+    from construction until :meth:`fit` returns (or :meth:`close`).
     """
 
     def __init__(self, cfg: TrainConfig, dist_info: DistInfo | None = None):
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.device)
+        self.run_dir = Path(cfg.run_dir)
+        self.lock = RunLock(self.run_dir, log=self._say)
+        self._lock_run_folder()
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: TrainConfig) -> None:
         self.device = self.dist.device
         self.strategy = resolve_strategy(cfg.parallel.strategy, self.dist.world_size)
         self.precision = resolve_precision(cfg.parallel.precision, self.device)
         if self.precision == "bf16" and self.device.type == "cpu":
             raise ConfigError("parallel.precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
         self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
-        self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
         self.tokens_seen = 0
         self.last_lr = 0.0
         self.resumed_from: str | None = None
         self.init_from: str | None = None
+        self._stop: GracefulStop | None = None
+        self._stop_agreed = False
 
         seed_everything(cfg.seed)
         self.train_data, self.eval_data, self.tokenizer_json = self._build_data()
@@ -105,16 +136,44 @@ class Trainer:
         spikes = SpikeDetector(cfg.spike.window, cfg.spike.min_history, cfg.spike.sigma) if cfg.spike.enabled else None
         self.guard = StepGuard(spikes)
         self.peak_lr = o.lr
-        self._restore()
+        saved_schedule = self._restore()
         self.schedule = LRSchedule(peak_lr=self.peak_lr, name=cfg.schedule.name, warmup_steps=cfg.schedule.warmup_steps,
                                    decay_steps=cfg.decay_steps, final_lr_ratio=cfg.schedule.final_lr_ratio)
+        if saved_schedule is not None:
+            self._check_schedule(saved_schedule)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.metrics = TrainMetrics(global_batch_tokens=cfg.global_batch_tokens, world_size=self.dist.world_size,
                                     flops_per_token=self.flops_per_token, peak_flops=peak_flops(self.device),
-                                    device=self.device, log_interval=cfg.log_interval, max_steps=cfg.max_steps)
-        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, cfg.checkpoint, cfg.max_steps, self.model,
+                                    device=self.device, log_interval=cfg.log_interval, max_steps=cfg.stop_step)
+        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, cfg.checkpoint, cfg.stop_step, self.model,
                                               self.optimizer, self.trainer_state, cfg.to_yaml(),
-                                              log=self.metrics.message)
+                                              log=self.metrics.message, tokenizer_json=self.tokenizer_json,
+                                              hold=self._hold_checkpoints)
+
+    # ------------------------------------------------------------------ run folder
+    def _say(self, text: str) -> None:
+        """One line on stderr from rank 0, before the metrics sinks are open."""
+        if self.dist.is_main:
+            print(f"olmo2-train: {text}", file=sys.stderr, flush=True)
+
+    def _lock_run_folder(self) -> None:
+        """Rank 0 locks the run folder; every rank raises the same error when it is taken."""
+        problem = None
+        if self.dist.is_main:
+            try:
+                self.lock.acquire()
+            except RunLockedError as exc:
+                problem = str(exc)
+        if self.dist.distributed:
+            box = [problem]
+            torch.distributed.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem is not None:
+            raise RunLockedError(problem)
+
+    def close(self) -> None:
+        """Release the run folder (the trainer is done with it)."""
+        self.lock.release()
 
     @property
     def spikes(self) -> SpikeDetector | None:
@@ -149,6 +208,8 @@ class Trainer:
             tokenizer_json = str(Path(corpus["dir"]) / "tokenizer.json")
             if self.dist.is_main and not os.path.isfile(tokenizer_json):
                 ByteTokenizer().save(tokenizer_json)
+        if d.sources or d.tokenizer is not None:
+            tokenizer_json = self._data_tokenizer([p for s in sources for p in s.paths])
         train = TrainData(sources, weights, cfg.global_batch_instances, seed=d.seed,
                           rank=self.dist.rank, world_size=self.dist.world_size)
         evaluation = None
@@ -157,6 +218,51 @@ class Trainer:
             evaluation = EvalData(source, cfg.global_batch_instances, cfg.eval_batches,
                                   rank=self.dist.rank, world_size=self.dist.world_size)
         return train, evaluation, tokenizer_json
+
+    def _data_tokenizer(self, paths: list[str]) -> str | None:
+        """The tokenizer.json of the training data: ``data.tokenizer``, else the one the
+        files' olmo2-tokenize sidecars name; None (with a warning) when unknown."""
+        spec = self.cfg.data.tokenizer
+        where = "data.tokenizer"
+        if spec is None:
+            named = {}
+            for path in paths:
+                found = sidecar_tokenizer(path)
+                if found is not None:
+                    named.setdefault(found, path)
+            if len(named) > 1:
+                listing = "; ".join(f"{f}.json names {t}" for t, f in named.items())
+                raise ConfigError(f"the token files were made with different tokenizers ({listing}); "
+                                  "set data.tokenizer to the right one")
+            if not named:
+                self._say("warning: no tokenizer is known for the token files (no olmo2-tokenize sidecar "
+                          "<file>.json); the Hugging Face export will lack tokenizer.json: set data.tokenizer")
+                return None
+            spec, source = next(iter(named.items()))
+            where = f"the sidecar {source}.json"
+        if spec in SHIPPED_TOKENIZERS:  # "byte", "dolma2": written once into the cache as a file to copy
+            path = Path(self.cfg.data.cache_dir or default_cache_dir()) / "tokenizers" / spec / "tokenizer.json"
+            if self.dist.is_main and not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_tokenizer(spec, path)
+            self._barrier()
+        else:
+            path = Path(spec)
+            if path.is_dir():
+                path = path / "tokenizer.json"
+            if not path.is_file():
+                raise ConfigError(f"{where} names the tokenizer {spec}, which does not exist ({path})")
+        from tokenizers import Tokenizer
+
+        try:
+            vocab = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+        except Exception as exc:  # noqa: BLE001 - the library's message says what is wrong with the file
+            raise ConfigError(f"{where}: {path} is not a tokenizer.json ({str(exc).splitlines()[0]}) ({path})") \
+                from None
+        if vocab > self.cfg.model.vocab_size:
+            raise ConfigError(f"{where}: the tokenizer has {vocab} ids, more than model.vocab_size "
+                              f"({self.cfg.model.vocab_size}) ({path})")
+        return str(path)
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -185,20 +291,26 @@ class Trainer:
             group["betas"], group["eps"] = tuple(o.betas), o.eps
             group["weight_decay"] = 0.0 if group.get("name") == "no_decay" else o.weight_decay
 
-    def _restore(self) -> None:
+    def _restore(self) -> dict[str, Any] | None:
+        """Load the checkpoint to resume from (or to initialize from); returns the
+        schedule a resumed checkpoint was trained with, else None."""
         cfg = self.cfg
-        resume_from = None
+        verify = cfg.checkpoint.verify
+        path, state = None, None
         if cfg.resume == "auto":
-            resume_from = ckpt.latest_checkpoint(self.ckpt_dir) if (self.ckpt_dir / ckpt.LATEST).is_file() else None
+            path, state = ckpt.load_newest_good(self.ckpt_dir, self.model, self.optimizer, verify=verify,
+                                                log=self._say, move_damaged=True)
         elif cfg.resume != "never":
-            resume_from = ckpt.resolve_checkpoint(cfg.resume)
+            path, state = ckpt.load_newest_good(cfg.resume, self.model, self.optimizer, verify=verify, log=self._say)
+            if path is None:
+                raise FileNotFoundError(f"resume: {cfg.resume} holds no checkpoint ({cfg.resume})")
         elif ckpt.list_checkpoints(self.ckpt_dir):
             raise ConfigError(
                 f"resume=never but {self.ckpt_dir} already holds checkpoints; use resume=auto to continue "
                 "that run, or another run_name/out_dir"
             )
-        if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, self.model, self.optimizer)
+        saved_schedule = None
+        if path is not None:
             self.step = int(state["step"])
             self.tokens_seen = int(state["tokens_seen"])
             self.last_lr = float(state.get("lr", 0.0))
@@ -206,16 +318,58 @@ class Trainer:
             self.guard.load_state_dict(state)
             if self.peak_lr is None:
                 self.peak_lr = float(state["peak_lr"])
-            self.resumed_from = str(resume_from)
+            self.resumed_from = str(path)
+            saved_schedule = state.get("schedule") or self._legacy_schedule(path, state)
         elif cfg.init_from:
-            source = ckpt.resolve_checkpoint(cfg.init_from)
-            state = ckpt.load_checkpoint(source, self.model,
-                                         self.optimizer if cfg.init_from_optimizer else None, restore_rng=False)
+            source, state = ckpt.load_newest_good(cfg.init_from, self.model,
+                                                  self.optimizer if cfg.init_from_optimizer else None,
+                                                  restore_rng=False, verify=verify, log=self._say)
+            if source is None:
+                raise FileNotFoundError(f"init_from: {cfg.init_from} holds no checkpoint ({cfg.init_from})")
             if self.peak_lr is None:
                 # Stage 2: start from the learning rate stage 1 ended with.
                 self.peak_lr = float(state["lr"])
             self.init_from = str(source)
         self._apply_optim_hparams()
+        return saved_schedule
+
+    @staticmethod
+    def _legacy_schedule(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+        """The schedule of a checkpoint saved before trainer.json held it, from its config.yaml."""
+        try:
+            old = ckpt.checkpoint_config(path)
+        except (ckpt.CheckpointError, FileNotFoundError):
+            return None
+        return {"name": old.schedule.name, "warmup_steps": old.schedule.warmup_steps,
+                "decay_steps": old.decay_steps, "final_lr_ratio": old.schedule.final_lr_ratio,
+                "peak_lr": state.get("peak_lr")}
+
+    def _schedule_record(self) -> dict[str, Any]:
+        return {key: getattr(self.schedule, key) for key in SCHEDULE_KEYS}
+
+    def _check_schedule(self, saved: dict[str, Any]) -> None:
+        """Refuse a decay horizon that only moved because max_steps did; say any other change."""
+        now = self._schedule_record()
+        saved = {key: saved.get(key, now[key]) for key in SCHEDULE_KEYS}
+        if saved == now:
+            return
+        nxt = self.step + 1
+        try:
+            before = LRSchedule(**saved)(nxt)
+        except (TypeError, ValueError):
+            before = float("nan")
+        after = self.schedule(nxt)
+        changes = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in SCHEDULE_KEYS if saved[k] != now[k])
+        if saved["decay_steps"] != now["decay_steps"] and self.cfg.schedule.decay_steps is None:
+            raise ConfigError(
+                f"resuming {self.resumed_from} would change the learning-rate schedule it was trained with "
+                f"({changes}): schedule.decay_steps is unset, so max_steps={self.cfg.max_steps} sets the decay "
+                f"horizon, and the LR of step {nxt} would jump from {before:.4g} to {after:.4g}. To keep the "
+                f"schedule, add --schedule.decay_steps={saved['decay_steps']}; to take the new horizon, set "
+                f"--schedule.decay_steps={now['decay_steps']}; to end early without changing it, use --hard_stop=N"
+            )
+        self._say(f"WARNING: the learning-rate schedule differs from the one {self.resumed_from} was trained "
+                  f"with ({changes}): the LR of step {nxt} is {after:.4g} (it would have been {before:.4g})")
 
     # ------------------------------------------------------------------ state
     def _barrier(self) -> None:
@@ -228,8 +382,14 @@ class Trainer:
             "lr": self.last_lr,
             "peak_lr": self.peak_lr,
             "data": self.train_data.state_dict(),
+            "schedule": self._schedule_record(),
             **self.guard.state_dict(),
         }
+
+    def _hold_checkpoints(self) -> str | None:
+        """Why no checkpoint may be saved (or pruned) now, or None."""
+        n = self.guard.consecutive_nonfinite
+        return f"the last {n} step(s) were skipped as non-finite" if n else None
 
     def save(self) -> Path:
         return self.checkpointer.save(self.step)
@@ -247,7 +407,7 @@ class Trainer:
         global_count = all_reduce_sum(local_count.to(self.device, non_blocking=True))
         chunks = batch.split(micro)
         scale = self.dist.world_size / global_count.clamp(min=1.0)
-        sums = torch.zeros(2, device=self.device)  # ce, z (this rank's sums)
+        sums = torch.zeros(3, device=self.device)  # ce, z (this rank's sums), stop requested
         self.model.train()
         for i, chunk in enumerate(chunks):
             ids = chunk.to(self.device, non_blocking=True)
@@ -255,13 +415,16 @@ class Trainer:
                     autocast_context(self.device, self.precision, self.strategy):
                 out = self.model(input_ids=ids, labels=ids, z_loss_coef=cfg.optim.z_loss_coef, reduction="sum")
                 (out.loss * scale).backward()
-            sums += torch.stack([out.ce_loss.detach().float(), out.z_loss.detach().float()])
+            sums[:2] += torch.stack([out.ce_loss.detach().float(), out.z_loss.detach().float()])
         grad_norm = clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+        if self._stop is not None and self._stop.requested:
+            sums[2] = 1.0  # a signal: every rank learns it from this step's all-reduce
         all_reduce_sum(sums)
-        per_token = sums / global_count.clamp(min=1.0)
+        per_token = sums[:2] / global_count.clamp(min=1.0)
         # The one host sync of the step: everything the decision and the log need.
-        ce, z, norm, count = torch.cat([per_token, grad_norm.reshape(1).float().to(self.device),
-                                        global_count.reshape(1)]).tolist()
+        ce, z, norm, count, stop = torch.cat([per_token, grad_norm.reshape(1).float().to(self.device),
+                                              global_count.reshape(1), sums[2:]]).tolist()
+        self._stop_agreed = stop > 0
         loss = ce + z
 
         lr = self.schedule(self.step + 1)
@@ -272,6 +435,12 @@ class Trainer:
                 self.optimizer.step()
         finally:
             self.optimizer.zero_grad(set_to_none=True)
+        if reason is not None and self.guard.consecutive_nonfinite:
+            bad = first_nonfinite(self.model, self.optimizer)  # only on non-finite steps: no sync otherwise
+            if bad is not None:
+                raise NonFiniteStateError(
+                    f"step {self.step + 1}: {bad} holds NaN or infinity; stopping without saving "
+                    f"(newest checkpoint: {self.checkpointer.newest()})")
         self.step += 1
         self.last_lr = lr
         self.tokens_seen += cfg.global_batch_tokens
@@ -296,10 +465,32 @@ class Trainer:
         return {"eval/ce_loss": ce / max(n, 1.0), "eval/z_loss": z / max(n, 1.0)}
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> dict[str, Any]:
-        """Train to ``max_steps``, checkpoint, export; returns a summary."""
-        with olmo2_kernels.use_backend(self.cfg.kernel_backend):
-            return self._fit()
+    def fit(self, stop: GracefulStop | None = None) -> dict[str, Any]:
+        """Train to ``cfg.stop_step``, checkpoint, export; returns a summary. A first
+        SIGINT/SIGTERM finishes the step, saves and raises
+        :class:`olmo2.train.signals.TrainingStopped` (``stop``: handlers the caller
+        installed; default: installed here). Releases the run folder at the end."""
+        try:
+            with olmo2_kernels.use_backend(self.cfg.kernel_backend), contextlib.ExitStack() as stack:
+                self._stop = stop if stop is not None else stack.enter_context(GracefulStop())
+                return self._fit()
+        finally:
+            self._stop = None
+            self.close()
+
+    def _stop_requested(self) -> bool:
+        local = self._stop is not None and self._stop.requested
+        return self._stop_agreed or (local and not self.dist.distributed)
+
+    def _stop_here(self) -> None:
+        """Save the step just finished (unless held back) and raise TrainingStopped."""
+        path = self.checkpointer.save_now(self.step)
+        note = ""
+        if path is None:
+            reason = self._hold_checkpoints()
+            note = f" ({reason})" if reason else ""
+        signum = self._stop.signum if self._stop is not None and self._stop.signum else signal.SIGTERM
+        raise TrainingStopped(signum, self.step, str(path) if path is not None else None, note)
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -307,7 +498,9 @@ class Trainer:
         data = iter(self.train_data)
         last_loss = None
         try:
-            while self.step < cfg.max_steps:
+            if self._stop_requested():
+                self._stop_here()
+            while self.step < cfg.stop_step:
                 self.metrics.start_step()
                 result = self.train_step(next(data))
                 record = self.metrics.record(self.step, result, self.tokens_seen)
@@ -316,6 +509,8 @@ class Trainer:
                     record.update(self.evaluate())
                 self.metrics.log(self.step, record)
                 self.checkpointer.maybe_save(self.step)
+                if self._stop_requested() and self.step < cfg.stop_step:
+                    self._stop_here()
             final = self._finish_run()
         finally:
             self.metrics.close()
@@ -330,7 +525,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.yaml")
+        self._save_config()
         n_params = num_parameters(cfg.model)
         how = f"resumed from {self.resumed_from}" if self.resumed_from else (
             f"initialized from {self.init_from}" if self.init_from else "from scratch")
@@ -338,8 +533,22 @@ class Trainer:
             f"olmo2-train: {n_params / 1e6:.2f}M parameters, {self.dist.world_size} rank(s) on "
             f"{self.device.type} ({self.strategy}, {self.precision}), global batch "
             f"{cfg.global_batch_instances} x {cfg.data.seq_len} tokens, {self.grad_accum} micro-batch(es) "
-            f"per rank, steps {self.step} -> {cfg.max_steps}, {how}; run folder {self.run_dir}"
+            f"per rank, steps {self.step} -> {cfg.stop_step}, {how}; run folder {self.run_dir}"
         )
+
+    def _save_config(self) -> None:
+        """Write config.yaml; a different one already there is kept as config.before-stepN.yaml."""
+        path = self.run_dir / "config.yaml"
+        text = self.cfg.to_yaml()
+        if path.is_file():
+            old = path.read_text(encoding="utf-8")
+            if old == text:
+                return
+            if self.step > 0:
+                keep = self.run_dir / f"config.before-{ckpt.step_dirname(self.step)}.yaml"
+                os.replace(path, keep)
+                self.metrics.message(f"the config changed; the one used up to step {self.step} is kept as {keep}")
+        self.cfg.save(path)
 
     def _finish_run(self) -> dict[str, str]:
         """The final checkpoint and the Hugging Face export; their paths for the summary."""
