@@ -212,11 +212,28 @@ def cmd_model(args) -> int:
     return 1 if any(r["status"] == "error" for r in doc["rows"]) else 0
 
 
+def _report_error(what: str, file) -> int:
+    """A file ``report`` cannot read: one line, ``olmo2-bench report: <what> (<path>)``, exit 2."""
+    print(f"olmo2-bench report: {what} ({file})", file=sys.stderr, flush=True)
+    return 2
+
+
 def cmd_report(args) -> int:
     for file in args.files:
-        doc = report.read_json(file)
+        try:
+            doc = report.read_json(file)
+            table = report.format_kernel_table(doc) if doc["kind"] == "kernels" else report.format_model_table(doc)
+        except FileNotFoundError:
+            return _report_error("no such file", file)
+        except IsADirectoryError:
+            return _report_error("a folder, not a result file", file)
+        except OSError as exc:
+            return _report_error(f"cannot be read: {exc.strerror or exc}", file)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+            detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            return _report_error(f"not an olmo2-bench result file: {detail}", file)
         print(f"== {file}")
-        print(report.format_kernel_table(doc) if doc["kind"] == "kernels" else report.format_model_table(doc))
+        print(table)
         print()
         _plots(doc, args.out or Path(file).parent, not args.no_plots, Path(file).stem)
     return 0
