@@ -28,3 +28,46 @@ def test_tokenize_error_is_one_line(tmp_path, capsys):
     assert tokenize.main([str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o.npy"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("olmo2-tokenize: ") and err.count("\n") == 1
+
+
+def test_bench_report_on_a_missing_or_bad_file_is_one_line(tmp_path, capsys):
+    from benchmarks.cli import main as bench
+
+    (tmp_path / "bad.json").write_text('{"schema": ')
+    (tmp_path / "other.json").write_text('{"schema": 1}')
+    for name, what in (("missing.json", "no such file"), ("bad.json", "not an olmo2-bench result file: Expecting"),
+                       ("other.json", "not an olmo2-bench result file: missing key 'kind'")):
+        assert bench(["report", str(tmp_path / name), "--no-plots"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"olmo2-bench report: {err.split(': ', 1)[1]}" and err.count("\n") == 1
+        assert what in err and err.rstrip().endswith(f"({tmp_path / name})")
+
+
+@pytest.mark.parametrize("module", [generate, soup, tokenize])
+def test_debug_flag_is_listed(module, capsys):
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert "--debug" in capsys.readouterr().out
+
+
+def test_train_debug_shows_the_traceback(capsys, monkeypatch):
+    assert train.main(["--preset=nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("olmo2-train: preset must be one of") and "Traceback" not in err
+    assert train.main(["--preset=nope", "--debug"]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.setenv("OLMO2_DEBUG", "1")
+    assert train.main(["--preset=nope"]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_dry_run_checks_device_and_backend(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device=cuda is valid here")
+    assert train.main(["--device=cuda", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("olmo2-train: device=cuda but this machine has no usable CUDA device") and err.count("\n") == 1
+    assert train.main(["--kernel_backend=cuda", "--dry-run"]) == 2
+    assert capsys.readouterr().err.startswith("olmo2-train: kernel_backend=cuda cannot run on cpu: ")

@@ -65,7 +65,10 @@ class MetricsLogger:
     """Rank-0 metrics sink: ``metrics.jsonl`` in the run folder, a tqdm bar, TensorBoard if installed.
 
     On resume at step ``S``, lines after ``S`` left by an interrupted run are
-    dropped, so the file reads as one run.
+    dropped, so the file reads as one run: the file is rewritten atomically,
+    and only when there is something to drop; otherwise it is only appended
+    to. The trainer holds the run folder's lock, so no other writer has the
+    file open meanwhile.
     """
 
     def __init__(self, run_dir: str | os.PathLike, total_steps: int, start_step: int = 0, enabled: bool = True,
@@ -95,15 +98,19 @@ class MetricsLogger:
         if not self.path.exists():
             return
         kept = []
+        dropped = 0
         with open(self.path, encoding="utf-8") as f:
             for line in f:
                 try:
-                    if json.loads(line).get("step", 0) <= step:
+                    if json.loads(line).get("step", 0) <= step and line.endswith("\n"):
                         kept.append(line)
+                        continue
                 except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-        with atomic_write(self.path) as f:
-            f.write("".join(kept))
+                    pass  # a line cut by a crash
+                dropped += 1
+        if dropped:
+            with atomic_write(self.path) as f:
+                f.write("".join(kept))
 
     def log(self, step: int, metrics: dict[str, Any], bar_keys: tuple[str, ...] = ("loss", "grad_norm", "lr")) -> None:
         if not self.enabled:
