@@ -1,8 +1,9 @@
 """The compiled extension ``olmo2_kernels._C``: it loads, says what it holds, takes
 keyword arguments named after the op table's fields (csrc/common/op_table.h)
 and rejects impossible ones with Python exceptions, and its launchers
-(``olmo2_kernels._compiled``) match the float64 spec on every op, forward and
-backward, for fp32, bf16 and fp16, odd shapes and strided rows.
+(``olmo2_kernels._compiled``) hold to their input contract and match the
+float64 spec on every op, forward and backward, for fp32, bf16 and fp16, odd
+shapes and strided rows.
 
 The op test files also run the ``cpu``/``cuda`` backends through their public
 ops; these tests call the launchers directly, so the kernels are covered even
@@ -323,6 +324,62 @@ def test_param_layouts_describe_the_structs(emulated_cuda):
     assert layouts["rms_norm_fwd"]["fields"][:2] == [["x", "pointer", 0], ["x_stride", "int64", 8]]
 
 
+# --------------------------------------------------------------------------- the launchers' input contract
+class TestLaunchersTrustTheOpModules:
+    """The op modules normalize inputs (rows, contiguity, label and table dtypes) once
+    for every backend; the compiled launchers take them as they come and refuse,
+    with one error naming the argument, anything else rather than copying again."""
+
+    def test_rows_must_be_2d(self):
+        with pytest.raises(ValueError, match=r"swiglu_fwd: gate must be 2-D .* got shape \(2, 3, 50\)"):
+            _compiled.swiglu_fwd(torch.randn(2, 3, 50), torch.randn(2, 3, 50))
+
+    def test_rows_need_unit_column_stride(self):
+        x = torch.randn(8, 4).t()
+        with pytest.raises(ValueError, match=r"rms_norm_fwd: x must be 2-D with unit stride .* strides \(1, 4\)"):
+            _compiled.rms_norm_fwd(x, torch.ones(8), 1e-6)
+
+    def test_upstream_gradient_in_the_inputs_dtype(self):
+        x = torch.randn(3, 8, dtype=torch.bfloat16)
+        _, rstd = _compiled.rms_norm_fwd(x, torch.ones(8), 1e-6)
+        with pytest.raises(TypeError, match="rms_norm_bwd: dy must be bfloat16 .* got float32"):
+            _compiled.rms_norm_bwd(torch.randn(3, 8), x, torch.ones(8), rstd)
+
+    def test_weight_shape(self):
+        with pytest.raises(ValueError, match=r"rms_norm_fwd: weight must be 1-D contiguous of shape \(8,\)"):
+            _compiled.rms_norm_fwd(torch.randn(3, 8), torch.ones(7), 1e-6)
+
+    def test_labels_int64(self):
+        with pytest.raises(TypeError, match="cross_entropy_fwd: labels must be int64 .* got int32"):
+            _compiled.cross_entropy_fwd(torch.randn(3, 8), torch.zeros(3, dtype=torch.int32), -100, 0.0)
+
+    def test_tables_fp32(self):
+        cos = torch.ones(2, 4, dtype=torch.bfloat16)
+        with pytest.raises(TypeError, match="norm_rope_fwd: cos must be float32 .* got bfloat16"):
+            _compiled.norm_rope_fwd(torch.randn(2, 8), torch.ones(8), cos, cos, 4, 1e-6)
+
+    def test_tables_width_is_head_dim(self):
+        cos = torch.ones(2, 8)
+        with pytest.raises(ValueError, match=r"norm_rope_fwd: cos must be 2-D contiguous of shape \(2, 4\)"):
+            _compiled.norm_rope_fwd(torch.randn(2, 8), torch.ones(8), cos, cos, 4, 1e-6)
+
+    def test_per_token_gradients(self):
+        logits, labels = torch.randn(3, 8), torch.zeros(3, dtype=torch.int64)
+        _, _, lse = _compiled.cross_entropy_fwd(logits, labels, -100, 0.0)
+        one = torch.ones(3)
+        with pytest.raises(ValueError, match=r"cross_entropy_bwd: grad_ce must be 1-D, contiguous or with stride 0"):
+            _compiled.cross_entropy_bwd(logits, labels, lse, torch.tensor(1.0), one, -100, 0.0)
+        with pytest.raises(TypeError, match="cross_entropy_bwd: grad_z must be float32"):
+            _compiled.cross_entropy_bwd(logits, labels, lse, one, one.double(), -100, 0.0)
+
+    def test_out_layout(self):
+        logits, labels = torch.randn(3, 8), torch.zeros(3, dtype=torch.int64)
+        _, _, lse = _compiled.cross_entropy_fwd(logits, labels, -100, 0.0)
+        one = torch.ones(3)
+        with pytest.raises(ValueError, match=r"cross_entropy_bwd: out must be 2-D .* of shape \(3, 8\) on cpu"):
+            _compiled.cross_entropy_bwd(logits, labels, lse, one, one, -100, 0.0, out=torch.empty(8, 3).t())
+
+
 # --------------------------------------------------------------------------- conversions
 def _cast(src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     src = src.contiguous()
@@ -482,13 +539,13 @@ def test_norm_rope(device, dtype, batch, seq, heads, head_dim, layout):
 
 
 def test_norm_rope_general_tables(device):
-    """cos/sin need not be duplicated halves (nor fp32): the kernels use each entry as given."""
+    """cos/sin need not be duplicated halves: the kernels use each entry as given."""
     rows, seq, head_dim, width = 12, 4, 8, 24
     x = rand((rows, width), torch.float32, device)
     w = rand((width,), torch.float32, device)
     dy = rand((rows, width), torch.float32, device)
-    cos = torch.randn(seq, head_dim, device=device).to(torch.bfloat16)
-    sin = torch.randn(seq, head_dim, device=device).to(torch.bfloat16)
+    cos = torch.randn(seq, head_dim, device=device)
+    sin = torch.randn(seq, head_dim, device=device)
     y, rstd = _compiled.norm_rope_fwd(x, w, cos, sin, head_dim, 1e-6)
     dx, dw = _compiled.norm_rope_bwd(dy, x, w, rstd, cos, sin, head_dim)
     x64, w64 = f64_leaf(x), f64_leaf(w)
@@ -540,10 +597,10 @@ def test_cross_entropy_in_place_and_broadcast_grads(device, dtype):
     labels = torch.randint(0, vocab, (rows,), device=device)
     labels[2] = 7
     ce, z, lse = _compiled.cross_entropy_fwd(logits, labels, 7, 1e-4)
-    grad = torch.tensor(0.25, device=device)  # e.g. d(mean)/d(ce): one scalar for every token
-    _, _, _, dx64 = _ref_cross_entropy(logits, labels, 7, 1e-4, grad.expand(rows), grad.expand(rows))
+    grad = torch.tensor(0.25, device=device).expand(rows)  # e.g. d(mean)/d(ce): one scalar for every token, stride 0
+    _, _, _, dx64 = _ref_cross_entropy(logits, labels, 7, 1e-4, grad, grad)
     buffer = logits.clone()
-    out = _compiled.cross_entropy_bwd(buffer, labels, lse, grad, grad.expand(rows), 7, 1e-4, out=buffer)
+    out = _compiled.cross_entropy_bwd(buffer, labels, lse, grad, grad, 7, 1e-4, out=buffer)
     assert out.data_ptr() == buffer.data_ptr()
     assert_close(buffer, dx64, dtype, name="dlogits in place")
     assert torch.equal(buffer[2], torch.zeros_like(buffer[2])), "ignore_index may lie inside [0, V)"
@@ -631,13 +688,6 @@ def test_swiglu_extreme_gates(device):
     assert_close(y, reference.swiglu(gate.double(), up.double()), torch.float32, name="y")
     assert_close(dgate, g64.grad, torch.float32, name="dgate")
     assert_close(dup, u64.grad, torch.float32, name="dup")
-
-
-def test_swiglu_nd_shapes():
-    gate, up = torch.randn(2, 3, 50), torch.randn(2, 3, 50)
-    y = _compiled.swiglu_fwd(gate, up)
-    assert y.shape == (2, 3, 50)
-    assert_close(y, reference.swiglu(gate.double(), up.double()), torch.float32, name="y")
 
 
 # --------------------------------------------------------------------------- GPU only
