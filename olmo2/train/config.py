@@ -42,6 +42,7 @@ import olmo2_kernels
 from ..config import PRESETS as MODEL_PRESETS
 from ..config import Olmo2Config
 from ..files import atomic_write
+from .evaluation import DownstreamEvalConfig
 from .optim import SCHEDULES
 
 PARALLEL_STRATEGIES = ("auto", "fsdp", "ddp", "none")
@@ -268,6 +269,8 @@ class TrainConfig:
     eval_interval: int = 50
     # Global batches per evaluation.
     eval_batches: int = 4
+    # In-loop downstream evaluation: OLMES tasks (the eval extra) every downstream_eval.interval steps.
+    downstream_eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
     # Start a new stage from this trainer checkpoint (folder, or a run's
     # checkpoints folder to take its latest): weights, and the optimizer state
     # when init_from_optimizer; step, data order and schedule start afresh.

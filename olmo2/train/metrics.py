@@ -211,7 +211,8 @@ class TrainMetrics:
         return record
 
     def log(self, step: int, record: dict[str, Any]) -> None:
-        if step % self.log_interval == 0 or step == self.max_steps or "eval/ce_loss" in record:
+        if step % self.log_interval == 0 or step == self.max_steps or "eval/ce_loss" in record \
+                or "downstream/seconds" in record:
             record.update(memory_stats(self.device))
             if self.logger is not None:
                 self.logger.log(step, record)

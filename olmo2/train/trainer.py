@@ -17,7 +17,8 @@ One optimizer step (:meth:`Trainer.train_step`):
 4. the learning rate of this step (:class:`olmo2.train.optim.LRSchedule`), AdamW.
 
 The loop (:meth:`Trainer._fit`) only sequences components: the metrics
-(:class:`olmo2.train.metrics.TrainMetrics`), evaluation (:meth:`Trainer.evaluate`)
+(:class:`olmo2.train.metrics.TrainMetrics`), evaluation (:meth:`Trainer.evaluate`; the downstream tasks,
+:class:`olmo2.train.evaluation.DownstreamEvaluator`)
 and checkpointing (:class:`olmo2.train.checkpoint.Checkpointer`).
 
 Resume is exact: the checkpoint (:mod:`olmo2.train.checkpoint`) holds model,
@@ -61,6 +62,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .corpus import default_cache_dir, stdlib_corpus
 from .data import EvalData, TokenSource, TrainData, sidecar_tokenizer
+from .evaluation import DownstreamEvaluator
 from .metrics import StepResult, TrainMetrics
 from .optim import LRSchedule, build_adamw, clip_grad_norm_, set_lr
 from .parallel import (
@@ -76,6 +78,7 @@ from .parallel import (
 )
 from .runlock import RunLock, RunLockedError
 from .signals import GracefulStop, TrainingStopped
+from .spike_score import SpikeScore
 from .stability import NonFiniteStateError, SpikeDetector, StepGuard, first_nonfinite
 
 SCHEDULE_KEYS = ("name", "warmup_steps", "decay_steps", "final_lr_ratio", "peak_lr")
@@ -127,6 +130,11 @@ class Trainer:
 
         seed_everything(cfg.seed)
         self.train_data, self.eval_data, self.tokenizer_json = self._build_data()
+        # Downstream tasks are read and tokenized once, here (None when not configured).
+        self.downstream = DownstreamEvaluator.build(cfg.downstream_eval, run_tokenizer=self.tokenizer_json,
+                                                    seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size,
+                                                    max_steps=cfg.stop_step, log=self._say)
+        self.spike_scores = {key: SpikeScore() for key in ("loss", "grad_norm")}
         self.model = self._build_model()
         self.base_model = unwrap(self.model)
         o = cfg.optim
@@ -316,6 +324,10 @@ class Trainer:
             self.last_lr = float(state.get("lr", 0.0))
             self.train_data.load_state_dict(state["data"])
             self.guard.load_state_dict(state)
+            if self.downstream is not None:
+                self.downstream.load_state_dict(state.get("downstream"))
+            for key, saved in (state.get("spike_score") or {}).items():
+                self.spike_scores[key].load_state_dict(saved)
             if self.peak_lr is None:
                 self.peak_lr = float(state["peak_lr"])
             self.resumed_from = str(path)
@@ -384,6 +396,8 @@ class Trainer:
             "data": self.train_data.state_dict(),
             "schedule": self._schedule_record(),
             **self.guard.state_dict(),
+            "downstream": self.downstream.state_dict() if self.downstream is not None else None,
+            "spike_score": {key: tracker.state_dict() for key, tracker in self.spike_scores.items()},
         }
 
     def _hold_checkpoints(self) -> str | None:
@@ -505,8 +519,15 @@ class Trainer:
                 result = self.train_step(next(data))
                 record = self.metrics.record(self.step, result, self.tokens_seen)
                 last_loss = result.loss
+                for key, tracker in self.spike_scores.items():  # the OLMo 2 report's stability measure
+                    tracker.update(record[key])
+                    record[f"spike_score/{key}"] = tracker.score
                 if self.eval_data is not None and self.step % cfg.eval_interval == 0:
                     record.update(self.evaluate())
+                if self.downstream is not None and self.downstream.due(self.step):
+                    record.update(self.downstream(
+                        self.model, self.step, autocast=lambda: autocast_context(self.device, self.precision,
+                                                                                self.strategy)))
                 self.metrics.log(self.step, record)
                 self.checkpointer.maybe_save(self.step)
                 if self._stop_requested() and self.step < cfg.stop_step:
