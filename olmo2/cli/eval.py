@@ -156,8 +156,10 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         t0 = time.perf_counter()
         tasks.append(load_task(name, tokenizer, max_length=max_length, limit=args.limit))
+        skipped = tasks[-1].skipped_docs
         say(f"  built {name}: {len(tasks[-1].docs)} documents, {len(tasks[-1].requests)} requests "
-            f"({time.perf_counter() - t0:.1f}s)")
+            f"({time.perf_counter() - t0:.1f}s)" + (f"; {skipped} document(s) left out: a continuation is longer "
+                                                     f"than the context {max_length}" if skipped else ""))
     pad = specials(tokenizer).pad_token_id or 0
     backend = olmo2_kernels.use_backend(args.backend) if args.backend else contextlib.nullcontext()
     with backend:

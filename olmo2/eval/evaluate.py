@@ -92,6 +92,7 @@ def evaluate_tasks(model: nn.Module, tasks: Sequence[Task], batch_tokens: int = 
                 task=task.name, source=task.source, primary_metric=task.primary_metric, metrics=metrics,
                 num_docs=len(task.docs), num_requests=len(task.requests), tokens=task.num_tokens,
                 seconds=time.perf_counter() - start, chance=chance_accuracy(task),
+                extra={"skipped_docs": task.skipped_docs} if task.skipped_docs else {},
             ))
     finally:
         if bar is not None:

@@ -20,7 +20,8 @@ Task names are ``<task>:<format>``; formats (OLMES):
   context and the letter (`` A``, `` B``, ...) is scored;
 * ``rc_0shot``: rank choice without examples;
 * ``bpb``: the ``rc`` requests of the gold answer only, for bits per byte
-  (what small models are tracked with: their accuracies sit at chance).
+  (what small models are tracked with: their accuracies sit at chance);
+  ``gsm8k:bpb`` is the same for GSM8K's gold chain of thought (5-shot).
 
 A request is tokenized exactly as ``olmo_eval`` does (``OEEvalTask``): context
 and continuation encoded separately without special tokens, the query
@@ -45,6 +46,9 @@ OLMES_TASKS = ("arc_challenge", "arc_easy", "boolq", "csqa", "hellaswag", "openb
                "socialiqa", "winogrande")
 FORMATS = {"rc": "rc_5shot", "mc": "mc_5shot", "rc_0shot": "rc_0shot", "bpb": "rc_5shot"}
 MMLU_CATEGORIES = ("stem", "humanities", "social_sciences", "other")
+# Generation tasks scored as the bits per byte of their gold answer (what mid-training
+# is meant to raise: OLMo 2's Dolmino mix adds math).
+GOLD_BPB_TASKS = {"gsm8k:bpb": ("gsm8k", "gold_bpb_5shot")}
 
 # Named task sets: what a user types instead of a list.
 TASK_SETS: dict[str, tuple[str, ...]] = {
@@ -78,6 +82,7 @@ def available_tasks() -> list[str]:
     """Every ``<task>:<format>`` name :func:`load_task` accepts (data not checked)."""
     names = [f"{t}:{f}" for t in OLMES_TASKS for f in FORMATS]
     names += [f"mmlu_{c}:mc" for c in MMLU_CATEGORIES]
+    names += list(GOLD_BPB_TASKS)
     return names
 
 
@@ -148,6 +153,8 @@ class Task:
     docs: list[Doc]
     requests: list[Request]
     config: dict[str, Any] = field(default_factory=dict)
+    # Documents left out because a continuation is longer than the context length.
+    skipped_docs: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -214,7 +221,9 @@ def build_oe_eval_task(name: str, rows: list[dict], config: dict, tokenizer, max
             if limit is not None and len(docs) >= limit:
                 continue
             doc_index[r["doc_id"]] = len(docs)
-            docs.append(Doc(doc_id=r["doc_id"], label=int(r["label"]), num_choices=0))
+            # Generation tasks label a document with its answer string: its one request is the gold one.
+            label = r["label"] if isinstance(r["label"], int) else r["idx"]
+            docs.append(Doc(doc_id=r["doc_id"], label=int(label), num_choices=0))
     kept = []
     for r in rows:
         uncond = r["doc_id"] >= offset
@@ -229,21 +238,27 @@ def build_oe_eval_task(name: str, rows: list[dict], config: dict, tokenizer, max
     texts = [t for _, r, _ in kept for t in (r["request"]["context"], r["request"]["continuation"])]
     ids = _encode(tokenizer, texts)
     bos = _bos(tokenizer)
+    # A document with a continuation longer than the context cannot be scored: left out, counted.
+    too_long = {doc for doc, r, _ in kept if len(ids[r["request"]["continuation"]]) > max_length}
+    renumber = {old: new for new, old in enumerate(i for i in range(len(docs)) if i not in too_long)}
+    docs = [d for i, d in enumerate(docs) if i not in too_long]
     requests = []
     for doc, r, uncond in kept:
+        if doc in too_long:
+            continue
         ctx = ids[r["request"]["context"]]
         if bos is not None and (not ctx or ctx[0] != bos):
             ctx = [bos] + ctx
         cont_text = r["request"]["continuation"]
-        requests.append(make_request(doc, 0 if gold_only else int(r["idx"]), uncond, ctx, ids[cont_text], cont_text,
-                                     max_length))
+        requests.append(make_request(renumber[doc], 0 if gold_only else int(r["idx"]), uncond, ctx, ids[cont_text],
+                                     cont_text, max_length))
     if gold_only:
         for d in docs:
             d.label, d.num_choices = 0, 1
     primary = "bpb" if gold_only else PRIMARY_FROM_OE_EVAL.get(
         config.get("task_config", {}).get("primary_metric", "acc_raw"), "acc_raw")
     return Task(name=name, source=source, primary_metric=primary, gold_only=gold_only, docs=docs,
-                requests=requests, config=config.get("task_config", {}))
+                requests=requests, config=config.get("task_config", {}), skipped_docs=len(too_long))
 
 
 class _OlmoEvalTokenizer:
@@ -329,6 +344,9 @@ def load_task(name: str, tokenizer, max_length: int = 4096, limit: int | None = 
         raise ValueError(f"limit must be >= 1 or None, got {limit!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length!r}")
+    if name in GOLD_BPB_TASKS:
+        config, rows, source = read_oe_eval_requests(*GOLD_BPB_TASKS[name])
+        return build_oe_eval_task(name, rows, config, tokenizer, max_length, limit, gold_only=True, source=source)
     task, _, fmt = name.partition(":")
     if task.startswith("mmlu_") and task[5:] in MMLU_CATEGORIES and fmt == "mc":
         return build_mmlu_task(name, task[5:], tokenizer, max_length, limit)

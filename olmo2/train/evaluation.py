@@ -102,6 +102,10 @@ class DownstreamEvaluator:
                  for name in expand_task_names(cfg.tasks)]
         pad = ids.pad_token_id if ids.pad_token_id is not None and ids.pad_token_id < vocab_size else 0
         evaluator = cls(tasks, cfg.interval, max_steps, cfg.batch_tokens, pad, time.perf_counter() - start)
+        skipped = {t.name: t.skipped_docs for t in tasks if t.skipped_docs}
+        if log is not None and skipped:
+            log(f"downstream evaluation: documents left out, a continuation longer than the context {max_length}: "
+                + ", ".join(f"{name} {n}" for name, n in skipped.items()))
         if log is not None:
             log(f"downstream evaluation: {len(tasks)} task(s) ({', '.join(t.name for t in tasks)}), "
                 f"{sum(len(t.docs) for t in tasks)} documents, {sum(len(t.requests) for t in tasks)} requests, "
