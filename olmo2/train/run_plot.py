@@ -81,11 +81,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, window: int = W
 
     records = read_metrics(run_dir)
     summary = summarize(records, window, sigma)
-    tasks = sorted(summary["downstream"])
-    panels = 2 + len(tasks)
-    cols = 2 if panels > 2 else panels
+    tasks = summary["downstream"]
+    # Downstream tasks in two panels: accuracies (the primary metric) and bits per byte.
+    acc_tasks = sorted(t for t, m in tasks.items() if "acc_raw" in m)
+    bpb_tasks = sorted(t for t, m in tasks.items() if "acc_raw" not in m and "bpb" in m)
+    panels = 2 + bool(acc_tasks) + bool(bpb_tasks)
+    cols = 2
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 3.6 * rows), squeeze=False)
     flat = [ax for row in axes for ax in row]
     name = Path(run_dir).resolve().name
 
@@ -106,21 +109,24 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, window: int = W
         ax.set_yscale("log" if key == "grad_norm" else "linear")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax, task in zip(flat[2:], tasks):
-        metrics = summary["downstream"][task]
-        # Accuracy tasks: the accuracies (chance is their floor); bpb tasks: bits per byte.
-        shown = [m for m in ("acc_raw", "acc_per_char", "acc_uncond") if m in metrics] or ["primary"]
-        for metric in shown:
-            steps, values = metrics[metric]
-            ax.plot(steps, values, "o-", ms=3, lw=1, label=metric)
-        ax.set_title(f"{task}", fontsize=10)
+    groups = [(acc_tasks, "primary", "downstream accuracy (primary metric; chance is the floor)"),
+              (bpb_tasks, "bpb", "downstream bits per byte of the gold answer (lower is better)")]
+    ax_iter = iter(flat[2:])
+    for group, metric, title in groups:
+        if not group:
+            continue
+        ax = next(ax_iter)
+        for task in group:
+            steps, values = tasks[task][metric]
+            ax.plot(steps, values, "o-", ms=3, lw=1, label=task)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
     for ax in flat[panels:]:
         ax.axis("off")
     fig.suptitle(f"{name}: {summary['steps']} logged steps (last {summary['last_step']})", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     path = Path(out) if out is not None else Path(run_dir) / "curves.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

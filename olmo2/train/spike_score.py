@@ -4,9 +4,10 @@
 deviations from the rolling mean of the last 1000 values (OLMo 2 report, §3.2,
 applied to the loss and to the gradient norm). Here each value is judged
 against the ``window`` values before it (mean and unbiased standard deviation
-of those), once at least two exist; the score is the share of judged values
-that are spikes, in percent. Non-finite values are never judged and never
-enter the window.
+of those), once ``min_history`` of them exist (64, as OLMo-core's spike
+skipping; the report does not say, and a deviation from a handful of values
+means little); the score is the share of judged values that are spikes, in
+percent. Non-finite values are never judged and never enter the window.
 
 :class:`SpikeScore` keeps the running score of one series (its state fits a
 checkpoint); :func:`spike_score` runs it over a whole column (what
@@ -20,15 +21,18 @@ from typing import Any, Iterable
 
 WINDOW = 1000
 SIGMA = 7.0
+MIN_HISTORY = 64
 
 
 class SpikeScore:
     """Running spike score of one series."""
 
-    def __init__(self, window: int = WINDOW, sigma: float = SIGMA):
-        if window < 2 or not sigma > 0:
-            raise ValueError(f"SpikeScore: need window >= 2 and sigma > 0, got window={window}, sigma={sigma}")
-        self.window, self.sigma = window, sigma
+    def __init__(self, window: int = WINDOW, sigma: float = SIGMA, min_history: int = MIN_HISTORY):
+        if window < 2 or not sigma > 0 or min_history < 2:
+            raise ValueError(f"SpikeScore: need window >= 2, sigma > 0 and min_history >= 2, got window={window}, "
+                             f"sigma={sigma}, min_history={min_history}")
+        # A window shorter than min_history judges once it is full.
+        self.window, self.sigma, self.min_history = window, sigma, min(min_history, window)
         self.values: deque[float] = deque(maxlen=window)
         self.judged = 0
         self.spikes = 0
@@ -40,7 +44,7 @@ class SpikeScore:
             return False
         spike = False
         n = len(self.values)
-        if n >= 2:
+        if n >= self.min_history:
             mean = sum(self.values) / n
             std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / (n - 1))
             spike = abs(value - mean) >= self.sigma * std and (std > 0 or value != mean)
