@@ -43,6 +43,19 @@ forward to the backward.
 
 The backend (``triton``, ``cpu``, ``cuda``) is that of the cross-entropy row
 kernels; the matmuls are torch's.
+
+Filling the GPU: a chunk has few rows (``default_chunk_size``: 256 at OLMo 2 1B
+with 8192 tokens), and one program per row would be 256 programs of 100352
+logits each, a quarter of a wave on an H100 (132 SMs x 8 resident programs).
+The Triton row kernels therefore split each row's vocabulary across programs
+when the rows alone do not reach 32 programs per SM (``cross_entropy.vocab_split``;
+forward partials merged by a small combine kernel, each logit still read once
+per pass). Programs per row pass, forward and backward alike (V = 100352,
+H100): 1B 8192 tokens (chunk 256) 256 -> 6400 (0.24 -> 6.1 waves); 1B 16384
+(chunk 512) and 7B 8192 (chunk 512) 512 -> 4608 (0.48 -> 4.4); 7B 16384
+(chunk 1024) 1024 -> 5120 (0.97 -> 4.8). Waves at the forward's 8 resident
+programs per SM; the backward holds 4-8 (30-64 registers by GPU and Triton
+version), so the same grid is up to twice as many of its waves.
 """
 from __future__ import annotations
 

@@ -8,14 +8,17 @@ import pytest
 import torch
 
 import olmo2_kernels
+from conftest import device_for, skip_reason
+from launches import RecordLaunches
 from memtrack import PeakAllocations
-from olmo2_kernels import reference
+from olmo2_kernels import _triton, reference
 from tolerances import assert_close, f64_leaf
 
 OP = "linear_cross_entropy"
 DTYPES = (torch.float32, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 lce_module = importlib.import_module("olmo2_kernels.linear_cross_entropy")
+ce_module = importlib.import_module("olmo2_kernels.cross_entropy")
 
 
 def make_inputs(n, h, v, device, dtype, ignore_every=4, ignore_index=-100, label_dtype=torch.int64):
@@ -59,7 +62,7 @@ def check(hidden, weight, labels, reduction="none", z_loss_coef=1e-4, chunk_size
     [
         (1, 16, 96, None),
         (7, 24, 200, 3),
-        (37, 16, 2049, 8),  # chunks of 8, 8, 8, 8, 5
+        (37, 16, 1025, 8),  # chunks of 8, 8, 8, 8, 5
         (37, 16, 200, 16),
         (37, 16, 96, 64),  # chunk > N
         (300, 16, 200, None),
@@ -96,7 +99,7 @@ def test_custom_ignore_index_and_label_dtypes(backend, device, label_dtype):
 
 
 def test_z_loss_off_is_plain_cross_entropy(backend, device):
-    hidden, weight, labels = make_inputs(37, 16, 2049, device, torch.float32)
+    hidden, weight, labels = make_inputs(37, 16, 200, device, torch.float32)
     for reduction in REDUCTIONS:
         ce0, z0 = olmo2_kernels.linear_cross_entropy(hidden, weight, labels, z_loss_coef=0.0, reduction=reduction,
                                                      chunk_size=16)
@@ -184,7 +187,9 @@ def test_fused_gradients(backend, device, dtype, reduction, z_loss_coef):
     hidden, weight, labels = make_inputs(37, 24, 301, device, dtype, ignore_every=3)
     h = hidden.detach().requires_grad_(True)
     w = weight.detach().requires_grad_(True)
-    ce, z = olmo2_kernels.linear_cross_entropy(h, w, labels, z_loss_coef=z_loss_coef, reduction=reduction, chunk_size=8)
+    ce, z = olmo2_kernels.linear_cross_entropy(
+        h, w, labels, z_loss_coef=z_loss_coef, reduction=reduction, chunk_size=16
+    )
     scale = 0.7  # an upstream gradient away from 1: the saved gradients must be scaled
     (scale * (ce + z)).backward()
     h64, w64 = f64_leaf(hidden), f64_leaf(weight)
@@ -290,8 +295,49 @@ def test_backward_twice_with_retain_graph(backend, device):
     torch.testing.assert_close(w.grad, 2 * first_w)
 
 
+# --------------------------------------------------------------------------- the vocabulary split
+# A chunk has few rows (256 at OLMo 2 1B and 8192 tokens), so the row kernels
+# split each row's vocabulary across programs to fill the GPU. The same
+# happens here at small sizes: 132 SMs (the default off CUDA) split rows of
+# 3 blocks into 3 slices (slices of several blocks: tests/test_cross_entropy.py).
+@pytest.mark.skipif(skip_reason("triton", OP) is not None, reason="backend 'triton' unavailable")
+@pytest.mark.parametrize("path, dtype", [("fused", torch.float32), ("recompute", torch.bfloat16)])
+def test_vocabulary_split(monkeypatch, path, dtype):
+    n, chunk, v = 5, 4, 9001  # chunks of 4 and 1 rows, 3 blocks each
+    slices = (3, 3)
+    device = device_for("triton")
+    rec = RecordLaunches(monkeypatch, ce_module)
+    hidden, weight, labels = make_inputs(n, 8, v, device, dtype, ignore_every=3)
+    labels[0] = v - 1  # a target in the last slice
+    with olmo2_kernels.use_backend("triton"), _triton.assume_sm_count(132):
+        if path == "recompute":
+            check(hidden, weight, labels, reduction="none", z_loss_coef=1e-3, chunk_size=chunk)
+        else:
+            h = hidden.detach().requires_grad_(True)
+            w = weight.detach().requires_grad_(True)
+            ce, z = olmo2_kernels.linear_cross_entropy(h, w, labels, z_loss_coef=1e-3, chunk_size=chunk)
+            (ce + z).backward()
+            h64, w64 = f64_leaf(hidden), f64_leaf(weight)
+            ce64, z64 = reference.linear_cross_entropy(h64, w64, labels, z_loss_coef=1e-3)
+            (ce64 + z64).backward()
+            assert_close(ce, ce64, dtype, reduction=n, name="ce")
+            assert_close(z, z64, dtype, reduction=n, name="z")
+            assert_close(h.grad, h64.grad, dtype, name="dhidden")
+            assert_close(w.grad, w64.grad, dtype, reduction=n, name="dweight")
+    fwd = rec.of("_cross_entropy_fwd_kernel")
+    chunks = [min(chunk, n - start) for start in range(0, n, chunk)]
+    assert [launch.grid for launch in fwd] == [(rows, s) for rows, s in zip(chunks, slices)]
+    assert len(rec.of("_cross_entropy_fwd_combine_kernel")) == len(chunks)
+    # the backward: once per chunk on the fused path, in the backward on the recompute path
+    assert [launch.grid for launch in rec.of("_cross_entropy_bwd_kernel")] == [launch.grid for launch in fwd]
+
+
 # --------------------------------------------------------------------------- memory
-MEM_H, MEM_V = 16, 3001  # N * V dominates everything else
+# N * V dominates everything else: a row of fp32 logits is 4 kB, the per-token
+# values and gradients about 100 B. Sizes kept small for the Triton
+# interpreter, which runs the GPU's tiles (4 rows of 1024 columns) one program
+# at a time.
+MEM_H, MEM_V = 8, 1001
 
 
 def peak_extra_bytes(device, n, chunk_size):
@@ -326,24 +372,24 @@ def test_memory_grows_with_chunk_not_tokens(backend, device):
     chunk_logits = MEM_V * 4  # bytes of one row of fp32 logits
     if device.type == "cuda":
         peak_extra_bytes(device, 64, 64)  # one-time allocations (the cuBLAS workspace) are not the op's
-    growth_n = peak_extra_bytes(device, 1024, 64) - peak_extra_bytes(device, 128, 64)
-    # Full logits would add (1024 - 128) rows; what does grow with N is the
+    growth_n = peak_extra_bytes(device, 256, 32) - peak_extra_bytes(device, 32, 32)
+    # Full logits would add (256 - 32) rows; what does grow with N is the
     # per-token vectors and dhidden (about 100 bytes per token here).
-    assert growth_n < 0.1 * (1024 - 128) * chunk_logits, growth_n
+    assert growth_n < 0.1 * (256 - 32) * chunk_logits, growth_n
 
-    growth_chunk = peak_extra_bytes(device, 512, 256) - peak_extra_bytes(device, 512, 32)
+    growth_chunk = peak_extra_bytes(device, 128, 128) - peak_extra_bytes(device, 128, 16)
     # One (chunk, V) logits buffer, reused across chunks. Under the Triton
     # interpreter a launched kernel's arguments stay alive until the next
     # garbage collection, so a finished buffer may still overlap the next one.
-    expected = (256 - 32) * chunk_logits
+    expected = (128 - 16) * chunk_logits
     assert 0.5 * expected < growth_chunk < 3 * expected, (growth_chunk, expected)
 
 
 def test_memory_of_the_spec():
     """The measurement can fail: the spec, which materializes the logits, grows with N."""
     with olmo2_kernels.use_backend("torch"):
-        growth_n = peak_extra_bytes(torch.device("cpu"), 1024, 64) - peak_extra_bytes(torch.device("cpu"), 128, 64)
-    assert growth_n > (1024 - 128) * MEM_V * 4, growth_n
+        growth_n = peak_extra_bytes(torch.device("cpu"), 256, 32) - peak_extra_bytes(torch.device("cpu"), 32, 32)
+    assert growth_n > (256 - 32) * MEM_V * 4, growth_n
 
 
 class TestBadInput:
