@@ -24,7 +24,7 @@ import torch
 from .checkpoint_hf import load_pretrained, save_pretrained
 from .files import atomic_copy
 from .model import Olmo2ForCausalLM
-from .train.checkpoint import TOKENIZER_FILE, is_checkpoint, load_model_from_checkpoint, resolve_checkpoint
+from .train.checkpoint import TOKENIZER_FILE, load_model_from_checkpoint, resolve_checkpoint
 
 
 def _stderr(text: str) -> None:

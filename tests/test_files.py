@@ -28,3 +28,15 @@ def test_failure_keeps_the_old_file(tmp_path):
     with pytest.raises(ValueError, match="mode must be"):
         with atomic_write(tmp_path / "x", "a"):
             pass
+
+
+def test_a_write_error_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    (tmp_path / "a.txt").write_text("old")
+    with pytest.raises(OSError) as info:
+        with atomic_write(tmp_path / "a.txt") as f:
+            f.write("new")
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a short write raises it
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "a.txt")
+    assert (tmp_path / "a.txt").read_text() == "old" and os.listdir(tmp_path) == ["a.txt"]

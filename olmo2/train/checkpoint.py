@@ -52,7 +52,6 @@ Nothing is saved from non-finite state (:func:`save_checkpoint` checks first).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import random

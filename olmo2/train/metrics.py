@@ -116,8 +116,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, "time": time.time(), **metrics}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as exc:  # a full disk: say which file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
         if self.tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
