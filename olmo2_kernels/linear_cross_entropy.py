@@ -195,11 +195,12 @@ def _(hidden, weight, labels, ignore_index, z_loss_coef, chunk_size, backend) ->
 
 
 def _grad_buffers(hidden: Tensor, weight: Tensor, rows: int, backend: str) -> tuple[Tensor, Tensor | None]:
-    """The chunk logits buffer and, where the row backward can round the fp32
-    logits' gradient straight to the matmul dtype (Triton), a buffer for it."""
+    """The chunk logits buffer and, when the logits are fp32 and the weight is
+    not, a buffer that the row backward (any backend) writes the gradient into,
+    rounded once to the matmul dtype."""
     buf = _logits_buffer(hidden, weight, rows)
     grad_buf = None
-    if buf.dtype != weight.dtype and backend == "triton":
+    if buf.dtype != weight.dtype:
         grad_buf = torch.empty(buf.shape, dtype=weight.dtype, device=hidden.device)
     return buf, grad_buf
 

@@ -146,8 +146,8 @@ class Launch:
 def op_modules() -> list[Any]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise CheckError(
-            "TRITON_INTERPRET=1 is set; unset it (the interpreter has no compiler, and the cross-entropy "
-            "launchers pick other tiles under it)"
+            "TRITON_INTERPRET=1 is set; unset it (@triton.jit then gives interpreted functions, "
+            "which have nothing to compile)"
         )
     return [importlib.import_module(f"olmo2_kernels.{name}") for name in OP_MODULES]
 
