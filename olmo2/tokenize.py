@@ -20,7 +20,8 @@ absolute path of the ``tokenizer.json``; the trainer reads it to export the
 tokenizer with the model). ``--out`` may not be an input, lie inside an input
 folder, or have its sidecar there.
 
-Tokenizer: any Hugging Face ``tokenizer.json`` (``--tokenizer path``) or the
+Tokenizer: any Hugging Face ``tokenizer.json`` (``--tokenizer path``), OLMo 2's
+own (``--tokenizer dolma2``, shipped in :mod:`olmo2.tokenizers`) or the
 built-in byte tokenizer (``--tokenizer byte``). Note that a ``tokenizer.json``
 matches its special tokens inside text (``<|endoftext|>`` in a document becomes
 the EOS id), as the ``tokenizers`` library does; the byte tokenizer never does.
@@ -108,11 +109,21 @@ def has_repeated_ngram(tokens: Sequence[int] | np.ndarray, min_period: int = MIN
 
 # ---------------------------------------------------------------------- tokenizers
 def load_tokenizer(spec: str, eos_token: str | None = None):
-    """``(encode_batch, eos_id, vocab_size, name)`` for ``"byte"`` or a ``tokenizer.json`` path.
+    """``(encode_batch, eos_id, vocab_size, name)`` for ``"byte"``, ``"dolma2"`` or a ``tokenizer.json`` path.
 
     ``eos_token`` defaults to ``<|endoftext|>``; a tokenizer without it needs
     ``--eos-token`` (a token string) or ``--eos-id``.
     """
+    if spec == "dolma2":  # OLMo 2's own, shipped in the package (olmo2.tokenizers)
+        from .tokenizers import load_tokenizer as load_shipped
+
+        tok = load_shipped("dolma2")
+        eos = tok.token_to_id(eos_token or EOS_TOKEN)
+        if eos is None:
+            raise ValueError(f"--eos-token {eos_token!r} is not a token of the dolma2 tokenizer")
+        return (lambda texts: [np.asarray(e.ids, dtype=np.int64)
+                               for e in tok.encode_batch(texts, add_special_tokens=False)]), eos, \
+            tok.get_vocab_size(with_added_tokens=True), "dolma2"
     if spec == "byte":
         tok = ByteTokenizer()
         eos = tok.eos_token_id if eos_token in (None, EOS_TOKEN) else tok.token_to_id(eos_token)

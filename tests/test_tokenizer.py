@@ -84,3 +84,33 @@ def test_a_damaged_file_is_refused(tmp_path, monkeypatch):
             load_tokenizer("dolma2")
     finally:
         tk._dolma2_json.cache_clear()
+
+
+def test_olmo2_tokenize_with_dolma2(tmp_path):
+    import numpy as np
+
+    from olmo2.cli.tokenize import main
+
+    (tmp_path / "a.txt").write_text("Hello world! The capital of France is Paris.")
+    out = tmp_path / "tokens.npy"
+    assert main([str(tmp_path / "a.txt"), "--out", str(out), "--tokenizer", "dolma2", "--no-progress"]) == 0
+    assert np.fromfile(out, dtype=np.uint32).tolist() == [9906, 1917, 0, 578, 6864, 315, 9822, 374, 12366, 13,
+                                                          100257]
+    assert json.loads((tmp_path / "tokens.npy.json").read_text())["tokenizer"] == "dolma2"
+
+
+def test_generation_falls_back_to_dolma2(tmp_path, capsys):
+    """A checkpoint with an OLMo 2 vocabulary and no tokenizer.json generates with dolma2."""
+    import torch
+
+    from olmo2 import Olmo2ForCausalLM, save_pretrained
+    from olmo2.cli.generate import main
+
+    torch.manual_seed(0)
+    config = Olmo2Config.preset("olmo2-test", vocab_size=DOLMA2_PADDED_VOCAB, hidden_size=32,
+                                num_hidden_layers=1, intermediate_size=64)
+    save_pretrained(Olmo2ForCausalLM.from_config(config), tmp_path / "hf")
+    assert main(["--model", str(tmp_path / "hf"), "--prompt", "Hello", "--max-new-tokens", "3",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "dolma2" in captured.err and captured.out.strip() != ""

@@ -2,11 +2,13 @@
 
 ``--model`` is a Hugging Face folder holding ``tokenizer.json``, a run folder
 (its ``hf/`` export, else its newest trainer checkpoint that verifies) or a
-trainer checkpoint folder (the tokenizer travels in it)."""
+trainer checkpoint folder (the tokenizer travels in it). A model with no
+``tokenizer.json`` and an OLMo 2 vocabulary gets OLMo 2's dolma2 tokenizer."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +20,7 @@ import olmo2_kernels
 from ..checkpoint_hf import CONFIG_NAME, load_pretrained
 from ..dtypes import DTYPES
 from ..generation import generate
+from ..tokenizers import DOLMA2, load_tokenizer
 from . import errors
 
 PROG = "olmo2-generate"
@@ -28,10 +31,16 @@ def _say(text: str) -> None:
     print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
 
+def _dolma2_fits(vocab_size: int) -> bool:
+    """Whether a model without a tokenizer.json has an OLMo 2 vocabulary (dolma2's 100,278 ids, or more)."""
+    return vocab_size >= DOLMA2.vocab_size
+
+
 def resolve_model(path: str) -> tuple[str, str, str]:
-    """``(kind, folder, tokenizer.json)`` of ``--model``: kind ``"hf"`` (a Hugging
+    """``(kind, folder, tokenizer)`` of ``--model``: kind ``"hf"`` (a Hugging
     Face folder, or a run's ``hf/``) or ``"trainer"`` (a trainer checkpoint, or a
-    run or ``checkpoints`` folder holding some)."""
+    run or ``checkpoints`` folder holding some); tokenizer its ``tokenizer.json``,
+    else ``"dolma2"`` (OLMo 2's, shipped) when the model has an OLMo 2 vocabulary."""
     from ..train.checkpoint import TOKENIZER_FILE, resolve_checkpoint
 
     folder = Path(path)
@@ -40,6 +49,8 @@ def resolve_model(path: str) -> tuple[str, str, str]:
     for hf in (folder, folder / "hf"):
         if (hf / CONFIG_NAME).is_file():
             tokenizer = hf / TOKENIZER
+            if not tokenizer.is_file() and _dolma2_fits(json.loads((hf / CONFIG_NAME).read_text())["vocab_size"]):
+                return "hf", str(hf), "dolma2"  # an OLMo 2 vocabulary: OLMo 2's own tokenizer
             if not tokenizer.is_file():
                 raise FileNotFoundError(f"--model {path} has no {TOKENIZER} beside its weights (train with "
                                         f"data.tokenizer set, or copy the tokenizer there) ({tokenizer})")
@@ -52,6 +63,10 @@ def resolve_model(path: str) -> tuple[str, str, str]:
     candidates = [checkpoint / TOKENIZER_FILE, folder / TOKENIZER]
     tokenizer = next((c for c in candidates if c.is_file()), None)
     if tokenizer is None:
+        from ..train.checkpoint import checkpoint_config
+
+        if _dolma2_fits(checkpoint_config(checkpoint).model.vocab_size):
+            return "trainer", str(folder), "dolma2"
         raise FileNotFoundError(f"--model {path}: its checkpoint carries no {TOKENIZER} (trained before the "
                                 f"tokenizer travelled with checkpoints, or with no known tokenizer) ({checkpoint})")
     return "trainer", str(folder), str(tokenizer)
@@ -100,9 +115,9 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kind, folder, tokenizer_path = resolve_model(args.model)
 
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(tokenizer_path)
+    if tokenizer_path == "dolma2":
+        _say("the checkpoint has no tokenizer.json; using OLMo 2's dolma2 tokenizer (shipped with olmo2)")
+    tokenizer = load_tokenizer(tokenizer_path)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise ValueError(f"--prompt encodes to no tokens ({tokenizer_path})")
