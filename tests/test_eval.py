@@ -339,31 +339,32 @@ def test_plot_of_a_run(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------- torchrun: a slice per rank
-def _rank_worker(rank: int, world: int, port: int, out_dir: str, shard: bool) -> None:
+def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = tiny_model()
-        if shard:  # FSDP2: the forward is collective; ranks must run as many batches
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.model.layers:
-                fully_shard(layer)
-            fully_shard(model)
         task = task_from_examples("toy:rc", examples(9, seed=4), load_tokenizer("byte"), max_length=64)
-        result = evaluate_tasks(model, [task], batch_tokens=300, progress=False)[0]
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump(result.metrics, f)
+        for shard in (False, True):
+            model = tiny_model()
+            if shard:  # FSDP2: the forward is collective; ranks must run as many batches
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                fully_shard(model)
+            result = evaluate_tasks(model, [task], batch_tokens=300, progress=False)[0]
+            with open(f"{out_dir}/rank{rank}-{'fsdp2' if shard else 'replicated'}.json", "w") as f:
+                json.dump(result.metrics, f)
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "fsdp2"])
-def test_two_ranks_score_slices_and_agree_with_one(tmp_path, byte, shard):
+def test_two_ranks_score_slices_and_agree_with_one(tmp_path, byte):
+    """torchrun's case: each rank scores every other batch, the results are gathered; replicated and FSDP2."""
     import socket
 
     import torch.multiprocessing as mp
@@ -371,12 +372,13 @@ def test_two_ranks_score_slices_and_agree_with_one(tmp_path, byte, shard):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(2, port, str(tmp_path), shard), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     task = task_from_examples("toy:rc", examples(9, seed=4), byte, max_length=64)
     single = evaluate_tasks(tiny_model(), [task], batch_tokens=300, progress=False)[0].metrics
     for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert got == pytest.approx(single, rel=1e-5)
+        for kind in ("replicated", "fsdp2"):
+            got = json.loads((tmp_path / f"rank{rank}-{kind}.json").read_text())
+            assert got == pytest.approx(single, rel=1e-5), (rank, kind)
 
 
 # ---------------------------------------------------------------------- in the trainer
