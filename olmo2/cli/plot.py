@@ -13,6 +13,7 @@ from typing import Sequence
 
 from ..train.run_plot import plot_run
 from ..train.spike_score import SIGMA, WINDOW
+from . import errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", "-o", default=None, help="PNG file (default: <run>/curves.png)")
     parser.add_argument("--window", type=int, default=WINDOW, help="rolling window of the spike score")
     parser.add_argument("--sigma", type=float, default=SIGMA, help="standard deviations that make a spike")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also OLMO2_DEBUG=1)")
     args = parser.parse_args(argv)
     if args.window < 2:
         parser.error(f"--window must be >= 2, got {args.window}")
@@ -38,11 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("olmo2-plot: needs matplotlib: pip install 'olmo2-kernels[eval]' (or pip install matplotlib)",
               file=sys.stderr)
         return 2
-    try:
-        path, summary = plot_run(args.run, args.out, args.window, args.sigma)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"olmo2-plot: {exc}", file=sys.stderr)
-        return 2
+    return errors.run("olmo2-plot", lambda: _plot(args), ["--debug"] if args.debug else [])
+
+
+def _plot(args: argparse.Namespace) -> int:
+    path, summary = plot_run(args.run, args.out, args.window, args.sigma)
     for key in ("loss", "grad_norm"):
         spikes = summary["spikes"][key]
         print(f"spike score {key}: {summary['spike_score'][key]:.3f}% ({summary['spike_score_source'][key]}; "
