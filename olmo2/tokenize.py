@@ -20,9 +20,9 @@ absolute path of the ``tokenizer.json``; the trainer reads it to export the
 tokenizer with the model). ``--out`` may not be an input, lie inside an input
 folder, or have its sidecar there.
 
-Tokenizer: any Hugging Face ``tokenizer.json`` (``--tokenizer path``), OLMo 2's
-own (``--tokenizer dolma2``, shipped in :mod:`olmo2.tokenizers`) or the
-built-in byte tokenizer (``--tokenizer byte``). Note that a ``tokenizer.json``
+Tokenizer: OLMo 2's own (``dolma2``, shipped in :mod:`olmo2.tokenizers`; the
+command's default), any Hugging Face ``tokenizer.json`` (``--tokenizer path``)
+or the built-in byte tokenizer of the demo (``--tokenizer byte``). Note that a ``tokenizer.json``
 matches its special tokens inside text (``<|endoftext|>`` in a document becomes
 the EOS id), as the ``tokenizers`` library does; the byte tokenizer never does.
 
@@ -134,7 +134,7 @@ def load_tokenizer(spec: str, eos_token: str | None = None):
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"--tokenizer: expected 'byte' or a tokenizer.json file, got {spec!r} (not found)")
+        raise FileNotFoundError(f"--tokenizer: expected 'dolma2', 'byte' or a tokenizer.json file, got {spec!r} (not found)")
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))

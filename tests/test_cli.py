@@ -6,7 +6,7 @@ from olmo2.cli import generate, soup, tokenize, train
 
 @pytest.mark.parametrize("module,expect", [
     (generate, ["--max-new-tokens", "(default: 64)"]),
-    (tokenize, ["--ngram-filter", "(default: byte)"]),
+    (tokenize, ["--ngram-filter", "(default: dolma2)"]),
     (soup, ["--out", "--dtype"]),
 ], ids=["olmo2-generate", "olmo2-tokenize", "olmo2-soup"])
 def test_help_exits_zero(module, expect, capsys):

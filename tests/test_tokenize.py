@@ -113,7 +113,7 @@ def test_cli_text_files_byte_tokenizer(tmp_path):
     (tmp_path / "a.txt").write_text("abc")
     (tmp_path / "b.txt").write_text("dé\n")
     out = tmp_path / "out" / "tokens.npy"
-    assert main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--out", str(out), "--no-progress"]) == 0
+    assert main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--out", str(out), "--no-progress", "--tokenizer", "byte"]) == 0
     ids = np.fromfile(out, dtype=np.uint32)
     assert ids.tolist() == [97, 98, 99, 256, 100, 0xC3, 0xA9, 10, 256]
     meta = json.loads((out.parent / "tokens.npy.json").read_text())
@@ -162,13 +162,13 @@ def test_out_over_an_input_is_refused_and_the_input_kept(tmp_path, capsys):
     docs = tmp_path / "docs.jsonl"
     docs.write_text('{"text": "keep me"}\n')
     before = docs.read_bytes()
-    assert main([str(docs), "--out", str(docs), "--no-progress"]) == 2
+    assert main([str(docs), "--out", str(docs), "--no-progress", "--tokenizer", "byte"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"olmo2-tokenize: --out {docs} is the input {docs}") and err.count("\n") == 1
     assert docs.read_bytes() == before and not (tmp_path / "docs.jsonl.json").exists()
-    assert main([str(tmp_path), "--out", str(tmp_path / "sub" / "t.npy"), "--no-progress"]) == 2
+    assert main([str(tmp_path), "--out", str(tmp_path / "sub" / "t.npy"), "--no-progress", "--tokenizer", "byte"]) == 2
     assert "lies inside the input" in capsys.readouterr().err
-    assert main([str(tmp_path / "other.txt"), str(docs), "--out", str(tmp_path / "other.txt"), "--no-progress"]) == 2
+    assert main([str(tmp_path / "other.txt"), str(docs), "--out", str(tmp_path / "other.txt"), "--no-progress", "--tokenizer", "byte"]) == 2
     assert docs.read_bytes() == before
 
 
@@ -179,12 +179,12 @@ def test_folders_take_text_only_skip_own_outputs_and_report(tmp_path, capsys):
     (src / "b.jsonl").write_text('{"text": "xy"}\n')
     (src / "c.bin").write_bytes(b"\x00\x01\x02binary")
     (src / "empty.txt").write_text("")
-    assert main([str(src / "a.txt"), "--out", str(tmp_path / "prev.npy"), "--no-progress"]) == 0
+    assert main([str(src / "a.txt"), "--out", str(tmp_path / "prev.npy"), "--no-progress", "--tokenizer", "byte"]) == 0
     for name in ("prev.npy", "prev.npy.json"):  # an earlier output moved next to the text
         shutil.copy(tmp_path / name, src / name)
     capsys.readouterr()
     out = tmp_path / "out" / "t.npy"
-    assert main([str(src), "--out", str(out), "--no-progress"]) == 0
+    assert main([str(src), "--out", str(out), "--no-progress", "--tokenizer", "byte"]) == 0
     err = capsys.readouterr().err
     assert "skipped 3 file(s) from the input folders" in err
     assert "c.bin (not UTF-8 text (binary?))" in err
@@ -193,19 +193,19 @@ def test_folders_take_text_only_skip_own_outputs_and_report(tmp_path, capsys):
     assert np.fromfile(out, dtype=np.uint32).tolist() == [97, 98, 99, 256, 120, 121, 256]
     meta = json.loads((tmp_path / "out" / "t.npy.json").read_text())
     assert meta["tokenizer"] == "byte" and meta["skipped_files"] == 3
-    assert main([str(src / "c.bin"), "--out", str(tmp_path / "x.npy"), "--no-progress"]) == 2
+    assert main([str(src / "c.bin"), "--out", str(tmp_path / "x.npy"), "--no-progress", "--tokenizer", "byte"]) == 2
     assert "is not UTF-8 text or JSONL" in capsys.readouterr().err
-    assert main([str(src / "empty.txt"), "--out", str(tmp_path / "x.npy"), "--no-progress"]) == 2
+    assert main([str(src / "empty.txt"), "--out", str(tmp_path / "x.npy"), "--no-progress", "--tokenizer", "byte"]) == 2
     assert "the inputs hold no document" in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
 
 
 def test_skip_bad_lines_counts_and_reports(tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": \n{"text": "ok2"}\n{"body": "x"}\n\xff\xfe\n')
-    assert main([str(path), "--out", str(tmp_path / "t.npy"), "--no-progress"]) == 2
+    assert main([str(path), "--out", str(tmp_path / "t.npy"), "--no-progress", "--tokenizer", "byte"]) == 2
     err = capsys.readouterr().err
     assert f"{path}:2: not valid JSON" in err and "--skip-bad-lines skips such lines" in err
-    assert main([str(path), "--out", str(tmp_path / "t.npy"), "--no-progress", "--skip-bad-lines"]) == 0
+    assert main([str(path), "--out", str(tmp_path / "t.npy"), "--no-progress", "--tokenizer", "byte", "--skip-bad-lines"]) == 0
     assert f"skipped 3 bad JSONL line(s): {path}: lines 2, 4, 5" in capsys.readouterr().err
     ids = np.fromfile(tmp_path / "t.npy", dtype=np.uint32)
     assert bytes(ids[ids != 256].astype(np.uint8)) == b"okok2"

@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("inputs", nargs="+", help="text files, JSONL files (.jsonl[.gz]) or folders")
     parser.add_argument("--out", "-o", required=True, help="output token file (e.g. data/train.npy)")
-    parser.add_argument("--tokenizer", default="byte", help="'byte' (built in), 'dolma2' (OLMo 2's, shipped) or a tokenizer.json path/folder")
+    parser.add_argument("--tokenizer", default="dolma2", help="'dolma2' (OLMo 2's, shipped; the default), 'byte' (the demo's byte-level one) or a tokenizer.json path/folder")
     parser.add_argument("--dtype", default="uint32", choices=tuple(TOKEN_DTYPES), help="token id type of the output")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
     parser.add_argument("--doc-per-line", action="store_true", help="text files: one document per non-empty line")
