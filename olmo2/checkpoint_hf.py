@@ -279,8 +279,33 @@ def generation_config(config: Olmo2Config) -> dict:
     return out
 
 
-def save_pretrained(model: Olmo2ForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+def tokenizer_config(chat_template: str) -> dict:
+    """The ``tokenizer_config.json`` that carries a chat template (with the
+    bos/eos/pad tokens it names), read by ``transformers.AutoTokenizer`` beside a
+    ``tokenizer.json``; as OLMo 2 Instruct's, bos and eos are ``<|endoftext|>``."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|pad|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": chat_template,
+    }
+
+
+def save_pretrained(
+    model: Olmo2ForCausalLM,
+    path: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    chat_template: str | None = None,
+) -> None:
     """Write ``model`` as a Hugging Face OLMo 2 folder at ``path``.
+
+    With ``chat_template`` (e.g. :data:`olmo2.chat.CHAT_TEMPLATE`), also a
+    ``tokenizer_config.json`` holding it (the tokenizer.json is written by
+    :func:`olmo2.tokenizers.save_tokenizer`).
 
     Shards of at most ``max_shard_size`` bytes (one tensor larger than that
     gets a shard of its own). Tensors are copied to CPU one shard at a time.
@@ -309,6 +334,8 @@ def save_pretrained(model: Olmo2ForCausalLM, path: str | os.PathLike, max_shard_
     try:
         _write_json(tmp / CONFIG_NAME, model.config.to_hf(dtype=dtype_name))
         _write_json(tmp / GENERATION_CONFIG_NAME, generation_config(model.config))
+        if chat_template is not None:
+            _write_json(tmp / "tokenizer_config.json", tokenizer_config(chat_template))
         # safetensors may create files owner-only; give shards the mode that
         # plain open() gave config.json under the user's umask.
         file_mode = (tmp / CONFIG_NAME).stat().st_mode & 0o777

@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="Hugging Face folder (config.json, *.safetensors, tokenizer.json), run folder or trainer checkpoint")
     p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as one user turn in the Tülu 3 / OLMo 2 Instruct chat template "
+                        "(olmo2.chat) and stop at the assistant's EOS")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
@@ -118,7 +121,12 @@ def _generate(args: argparse.Namespace) -> int:
     if tokenizer_path == "dolma2":
         _say("the checkpoint has no tokenizer.json; using OLMo 2's dolma2 tokenizer (shipped with olmo2)")
     tokenizer = load_tokenizer(tokenizer_path)
-    ids = tokenizer.encode(args.prompt).ids
+    if args.chat:
+        from ..chat import encode_chat
+
+        ids, _ = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise ValueError(f"--prompt encodes to no tokens ({tokenizer_path})")
     if kind == "hf":
@@ -142,6 +150,10 @@ def _generate(args: argparse.Namespace) -> int:
             generator=generator,
         )
     continuation = out[0, len(ids):].tolist()
+    if args.chat:
+        eos = tokenizer.token_to_id("<|endoftext|>")
+        if eos in continuation:
+            continuation = continuation[: continuation.index(eos)]
     sys.stdout.write(tokenizer.decode(continuation, skip_special_tokens=True) + "\n")
     sys.stdout.flush()
     return 0
