@@ -404,7 +404,9 @@ class Olmo2ForCausalLM(nn.Module):
         ``-100`` ignored. ``reduction="mean"`` divides by the number of
         non-ignored targets in this batch; ``"sum"`` lets a trainer divide by a
         global count (``num_tokens`` summed over micro-batches and ranks).
-        ``attention_mask`` (B, past + T): 1 for tokens, 0 for padding.
+        ``attention_mask`` (B, past + T): 1 for tokens, 0 for padding; or a
+        boolean (B, 1, T, past + T) mask, True where a query may attend (e.g.
+        :func:`document_mask` for packed conversations).
         """
         if reduction not in REDUCTIONS:
             raise ValueError(f"Olmo2ForCausalLM.forward: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -487,6 +489,16 @@ def _check_labels(labels: object, input_ids: Tensor, vocab_size: int) -> None:
             )
 
 
+def document_mask(document_ids: Tensor) -> Tensor:
+    """The (B, 1, T, T) boolean mask of packed sequences: causal, and each token
+    sees only the tokens of its own document (equal ``document_ids`` (B, T)).
+    Pass it as ``attention_mask`` with ``position_ids`` restarting at 0 per
+    document; then each document gets exactly the outputs it gets alone."""
+    t = document_ids.shape[1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same & _causal_mask(t, t, document_ids.device))[:, None]
+
+
 def _attention_mask(
     attention_mask: Tensor | None, batch: int, seq: int, past: int, device: torch.device
 ) -> tuple[Tensor | None, bool]:
@@ -502,6 +514,13 @@ def _attention_mask(
         return None, seq > 1
     if not isinstance(attention_mask, Tensor):
         raise TypeError(f"Olmo2ForCausalLM.forward: attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dim() == 4:  # a full boolean mask, e.g. document_mask() for packed sequences
+        if attention_mask.dtype != torch.bool or tuple(attention_mask.shape) != (batch, 1, seq, total):
+            raise ValueError(
+                f"Olmo2ForCausalLM.forward: a 4-D attention_mask must be boolean of shape (batch, 1, seq, past + seq) "
+                f"= ({batch}, 1, {seq}, {total}), got {attention_mask.dtype} {tuple(attention_mask.shape)}"
+            )
+        return attention_mask.to(device), True
     if tuple(attention_mask.shape) != (batch, total):
         raise ValueError(
             f"Olmo2ForCausalLM.forward: attention_mask must have shape (batch, past + seq) = ({batch}, {total}), "

@@ -1,0 +1,138 @@
+"""olmo2.sft: packing with document masks, the split-invariant loss, the schedule, a tiny CPU run of olmo2-sft."""
+import json
+
+import pytest
+import torch
+
+from olmo2 import Olmo2Config, Olmo2ForCausalLM
+from olmo2.chat import CHAT_TEMPLATE, IGNORE_INDEX
+from olmo2.checkpoint_hf import load_pretrained, save_pretrained
+from olmo2.model import document_mask
+from olmo2.sft import Row, collate, linear_schedule, pack, step_loss
+
+VOCAB = 97
+
+
+def tiny(seed=0, vocab=VOCAB, backend="sdpa"):
+    cfg = Olmo2Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      attn_backend=backend, pad_token_id=None, eos_token_id=None)
+    return Olmo2ForCausalLM.from_config(cfg, generator=torch.Generator().manual_seed(seed))
+
+
+def conversations(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 5 + 3 * i
+        ids = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+        labels = [IGNORE_INDEX] * (length // 2) + ids[length // 2 :]
+        out.append((ids, labels))
+    return out
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_packed_equals_one_by_one(backend):
+    convs = conversations()
+    model = tiny(backend=backend)
+    rows = pack(convs, max_length=64, packing=True)
+    assert len(rows) == 1 and rows[0].documents[-1] == 4
+    b = collate(rows, pad_id=0, packing=True)
+    out = model(b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"],
+                position_ids=b["position_ids"], reduction="none")
+    out.loss.sum().backward()
+    packed_grads = grads(model)
+    model.zero_grad()
+    losses = []
+    for ids, labels in convs:
+        o = model(torch.tensor([ids]), labels=torch.tensor([labels]), reduction="none")
+        losses.append(o.loss[0])
+        o.loss.sum().backward()
+    torch.testing.assert_close(out.loss[0, : sum(len(c[0]) for c in convs)], torch.cat(losses), rtol=1e-5, atol=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(packed_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_document_mask_shape_and_checks():
+    mask = document_mask(torch.tensor([[0, 0, 1, 1, -1]]))
+    assert mask.shape == (1, 1, 5, 5)
+    assert mask[0, 0, 3].tolist() == [False, False, True, True, False]
+    model = tiny()
+    with pytest.raises(ValueError, match="4-D attention_mask must be boolean"):
+        model(torch.zeros(1, 5, dtype=torch.long), attention_mask=mask.float())
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_gradient_does_not_depend_on_the_split(packing):
+    rows = pack(conversations(8, seed=1), max_length=24, packing=packing)
+    model = tiny(seed=1)
+    whole, count = step_loss(model, [collate(rows, 0, packing)], "cpu")
+    g_whole = grads(model)
+    model.zero_grad()
+    split, count2 = step_loss(model, [collate([r], 0, packing) for r in rows], "cpu")
+    assert count == count2 and abs(whole - split) < 1e-5
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g_whole[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_no_loss_across_boundaries():
+    rows = pack(conversations(3), max_length=64, packing=True)
+    row = rows[0]
+    starts = [i for i in range(len(row.ids)) if row.positions[i] == 0]
+    assert starts == [0, 5, 13] and all(row.labels[i] == IGNORE_INDEX for i in starts)
+    with pytest.raises(ValueError, match="first label must be -100"):
+        pack([([1, 2], [1, 2])], 8, True)
+
+
+def test_linear_warmup_then_decay():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_schedule(opt, total_steps=10, warmup_ratio=0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [0.5, 1.0, 1.0] and lrs[-1] == pytest.approx(0.125)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_sft_cli_tiny_run_lowers_loss(tmp_path, capsys):
+    from olmo2.cli.sft import main
+    from olmo2.tokenizers import save_tokenizer
+
+    base = tmp_path / "base"
+    save_pretrained(tiny(vocab=100352), base)
+    save_tokenizer("dolma2", base)
+    data = tmp_path / "chat.jsonl"
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Add {a} and {a + 1}"},
+                                      {"role": "assistant", "content": f"{2 * a + 1}"}]}) for a in range(8)]
+    lines.insert(3, json.dumps({"messages": [{"role": "user", "content": "no answer"}]}))
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "sft"
+    args = ["--model", str(base), "--data", str(data), "--output", str(out), "max_length=64",
+            "micro_batch_size=2", "grad_accum=2", "lr=2e-2", "warmup_ratio=0.1", "epochs=8", "max_steps=8",
+            "device=cpu"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["steps"] == 8 and result["bad_records"] == 1
+    assert result["last_loss"] < 0.7 * result["first_loss"]
+    assert "8 of 9 records kept, 1 skipped (line 4: no assistant turn)" in captured.err
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    assert (out / "tokenizer.json").is_file()
+    load_pretrained(out)
+
+
+def test_sft_cli_dry_run_preset_and_errors(capsys):
+    from olmo2.cli.sft import main
+
+    assert main(["--model", "m", "--data", "d", "--output", "o", "--preset", "olmo2_7b", "--dry-run", "lr=1e-5"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["lr"] == 1e-5 and cfg["grad_accum"] == 128 and cfg["max_length"] == 4096
+    assert main(["--model", "m", "--data", "d", "--output", "o", "--preset", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("olmo2-sft: --preset must be one of") and err.count("\n") == 1
