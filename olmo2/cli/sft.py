@@ -16,12 +16,14 @@ from . import errors
 PROG = "olmo2-sft"
 
 
-def resolve(args: argparse.Namespace):
+def resolve(args: argparse.Namespace, config_class=None, presets=None):
+    """The config of ``args``: defaults, ``--preset``, --model/--data/--output, then key=value overrides."""
     from omegaconf import OmegaConf
 
-    from ..sft import PRESETS, SFTConfig
-
-    base = OmegaConf.structured(SFTConfig)
+    if config_class is None:
+        from ..sft import PRESETS as presets, SFTConfig as config_class
+    PRESETS = presets
+    base = OmegaConf.structured(config_class)
     layers = [base]
     if args.preset:
         if args.preset not in PRESETS:
@@ -31,7 +33,7 @@ def resolve(args: argparse.Namespace):
                                                        ("output", args.output)) if v}))
     layers.append(OmegaConf.from_dotlist([o.lstrip("-") for o in args.overrides]))
     merged = OmegaConf.merge(*layers)
-    cfg = SFTConfig(**OmegaConf.to_container(merged))
+    cfg = config_class(**OmegaConf.to_container(merged))
     for name in ("model", "data", "output"):
         if not getattr(cfg, name):
             raise ValueError(f"--{name} is required")

@@ -1,0 +1,125 @@
+"""olmo2.dpo: fused sequence log-probs, the DPO losses and gradients against plain float64, the cached reference, a tiny run."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from olmo2.chat import CHAT_TEMPLATE, IGNORE_INDEX
+from olmo2.checkpoint_hf import save_pretrained
+from olmo2.dpo import dpo_loss, pair_batch, reference_logps, sequence_logps
+
+from test_sft import VOCAB, tiny
+
+
+def pairs(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        prompt = torch.randint(0, VOCAB, (4 + i,), generator=g).tolist()
+        pair = {}
+        for key, length in (("chosen", 3 + i), ("rejected", 6 - i)):
+            resp = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+            pair[key] = (prompt + resp, [IGNORE_INDEX] * len(prompt) + resp)
+        out.append(pair)
+    return out
+
+
+def plain_logps(model, batch):
+    """float64 log-probs from materialized logits: the spec."""
+    logits = model(batch["input_ids"], position_ids=batch["position_ids"]).logits.double()
+    targets = batch["labels"][:, 1:]
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    mask = targets != IGNORE_INDEX
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
+    return picked.sum(1), mask.sum(1)
+
+
+def plain_loss(pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta, kind, gamma):
+    if kind == "dpo_norm":
+        z = beta * ((pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r)
+    elif kind == "dpo":
+        z = beta * ((pi_c - ref_c) - (pi_r - ref_r))
+    else:
+        z = beta * (pi_c / n_c - pi_r / n_r) - gamma
+    return -torch.log(torch.sigmoid(z))
+
+
+def test_sequence_logps_match_plain_logits():
+    model = tiny()
+    b = pair_batch(pairs(), pad_id=0)
+    ours, counts = sequence_logps(model, b)
+    ref, ref_counts = plain_logps(model, b)
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dpo_norm", "dpo", "simpo"])
+def test_loss_and_gradients_match_plain_float64(kind):
+    data = pairs(seed=2)
+    model = tiny(seed=3)
+    b = pair_batch(data, pad_id=0)
+    n = len(data)
+    ref_model = tiny(seed=4)
+    with torch.no_grad():
+        ref, _ = sequence_logps(ref_model, b)
+    logps, counts = sequence_logps(model, b)
+    losses, metrics = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], counts[:n], counts[n:], 2.0, kind, 0.3)
+    losses.mean().backward()
+    ours = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    plain, c = plain_logps(model, b)
+    expected = plain_loss(plain[:n], plain[n:], ref[:n].double(), ref[n:].double(), c[:n], c[n:], 2.0, kind, 0.3)
+    torch.testing.assert_close(losses.double(), expected, rtol=1e-5, atol=1e-6)
+    expected.mean().backward()
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(ours[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+    assert metrics["accuracy"].shape == (n,)
+
+
+def test_cached_reference_equals_live_model():
+    data = pairs(4, seed=5)
+    model = tiny(seed=6)
+    cached = reference_logps(model, data, pad_id=0, batch_size=3, device="cpu")
+    for i, p in enumerate(data):
+        live, _ = sequence_logps(model, pair_batch([p], pad_id=0))
+        torch.testing.assert_close(cached[i], live.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_dpo_cli_tiny_run_raises_margin(tmp_path, capsys):
+    from olmo2.cli.dpo import main
+    from olmo2.tokenizers import save_tokenizer
+
+    base = tmp_path / "base"
+    save_pretrained(tiny(vocab=100352), base)
+    save_tokenizer("dolma2", base)
+    data = tmp_path / "prefs.jsonl"
+    lines = []
+    for a in range(6):
+        prompt = [{"role": "user", "content": f"Add {a} and {a + 1}"}]
+        lines.append(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": f"{2 * a + 1}"}],
+                                 "rejected": [{"role": "assistant", "content": f"{2 * a + 2} maybe"}]}))
+    lines.insert(2, json.dumps({"prompt": [], "chosen": [{"role": "assistant", "content": ""}], "rejected": []}))
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "dpo"
+    assert main(["--model", str(base), "--data", str(data), "--output", str(out), "max_length=64",
+                 "micro_batch_size=3", "grad_accum=2", "lr=5e-3", "beta=1.0", "warmup_ratio=0.0", "epochs=6",
+                 "max_steps=5", "device=cpu"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["steps"] == 5 and result["bad_records"] == 1 and "line 3: chosen:" in captured.err
+    assert result["first"]["margin"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 1
+    assert result["last"]["margin"] > 0.05 and result["last"]["accuracy"] == 1.0
+    assert torch.load(out / "reference_logps.pt")["logps"].shape == (6, 2)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+
+
+def test_dpo_cli_dry_run_and_errors(capsys):
+    from olmo2.cli.dpo import main
+
+    assert main(["--model", "m", "--data", "d", "--output", "o", "--preset", "olmo2_7b", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["loss_type"] == "dpo_norm" and cfg["beta"] == 5.0 and cfg["lr"] == 1e-6
+    assert main(["--model", "m", "--data", "d", "--output", "o", "loss_type=ipo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("olmo2-dpo: ") and "loss_type must be one of" in err and err.count("\n") == 1
