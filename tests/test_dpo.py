@@ -123,3 +123,30 @@ def test_dpo_cli_dry_run_and_errors(capsys):
     assert main(["--model", "m", "--data", "d", "--output", "o", "loss_type=ipo"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("olmo2-dpo: ") and "loss_type must be one of" in err and err.count("\n") == 1
+
+
+def test_dpo_step_allocates_no_batch_by_tokens_by_vocab_tensor():
+    """Peak tensor memory of a DPO forward and backward stays far below the (B, T, V) logits."""
+    from memtrack import PeakAllocations
+
+    vocab = 8192
+    model = tiny(vocab=vocab)
+    g = torch.Generator().manual_seed(7)
+    data = []
+    for _ in range(2):
+        prompt = torch.randint(0, vocab, (150,), generator=g).tolist()
+        pair = {}
+        for key in ("chosen", "rejected"):
+            resp = torch.randint(0, vocab, (100,), generator=g).tolist()
+            pair[key] = (prompt + resp, [IGNORE_INDEX] * len(prompt) + resp)
+        data.append(pair)
+    b = pair_batch(data, pad_id=0)
+    full_logits_bytes = b["input_ids"].numel() * vocab * 4
+    with PeakAllocations() as mem:
+        logps, counts = sequence_logps(model, b)
+        losses, _ = dpo_loss(logps[:2], logps[2:], logps[:2].detach() - 1, logps[2:].detach(), counts[:2], counts[2:], 5.0)
+        losses.mean().backward()
+    assert mem.peak < full_logits_bytes / 2, (mem.peak, full_logits_bytes)
+    with PeakAllocations() as naive, torch.no_grad():
+        model(b["input_ids"])
+    assert naive.peak >= full_logits_bytes
