@@ -194,3 +194,21 @@ def test_peak_flops_table_is_longest_match():
     assert peak_flops_for_name("NVIDIA L40S") == 362.05e12
     assert peak_flops_for_name("Some CPU") is None
     assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_norm_parameters_found_by_type_not_by_name():
+    """A module merely named like a norm is decayed; the kernels' RMSNorm and torch's norms are norms."""
+    import olmo2_kernels
+    from olmo2.train.optim import split_params
+
+    class NormalizerHead(torch.nn.Module):  # "norm" in the name, not a normalization
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+
+    model = torch.nn.ModuleDict({
+        "head": NormalizerHead(), "rms": olmo2_kernels.RMSNorm(3), "ln": torch.nn.LayerNorm(3),
+    })
+    decay, no_decay = split_params(model, norm_weight_decay=False)
+    assert set(decay) == {"head.weight"}
+    assert set(no_decay) == {"rms.weight", "ln.weight", "ln.bias"}

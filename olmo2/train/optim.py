@@ -27,7 +27,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
+import olmo2_kernels
+
 SCHEDULES = ("cosine", "linear", "constant")
+# Normalization modules whose weights ``norm_weight_decay`` governs.
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    olmo2_kernels.RMSNorm, nn.RMSNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
+)
 
 
 # ---------------------------------------------------------------------- parameter groups
@@ -36,14 +42,15 @@ def split_params(model: nn.Module, embedding_weight_decay: bool = False,
     """``(decayed, not_decayed)`` parameters of ``model`` by name.
 
     Embedding parameters are those of ``nn.Embedding`` modules; norm parameters
-    those of modules whose class name contains ``Norm``.
+    those of the normalization modules in :data:`NORM_TYPES` (the model's
+    RMSNorm and torch's norms), by type, not by class name.
     """
     decay: dict[str, nn.Parameter] = {}
     no_decay: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         is_embedding = isinstance(module, nn.Embedding)
-        is_norm = "norm" in type(module).__name__.lower()
+        is_norm = isinstance(module, NORM_TYPES)
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in seen or not param.requires_grad:
                 continue
