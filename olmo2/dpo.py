@@ -22,7 +22,11 @@ What this module owns: :class:`DPOConfig` and presets, :func:`sequence_logps`
   per pair, instead of a second copy of the weights (a 7B bf16 model: 14 GB).
 * The loss of a step is the mean over its pairs, whatever the micro-batch split.
 
-Not yet: FSDP/DDP, resume, the CPU demo and the benchmark of issue 14.
+* **Resume** as for SFT (:class:`olmo2.sft.PostTrainCheckpointer`); ``trainer.json`` also
+  names the reference log-probs file, which a resumed run reads instead of
+  recomputing (the checkpoint's policy is no longer the reference).
+
+Not yet: FSDP/DDP.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from torch import Tensor
 
 from .chat import CHAT_TEMPLATE, IGNORE_INDEX, read_preference_jsonl
 from .model import Olmo2ForCausalLM
-from .sft import Row, collate, load_model_and_tokenizer
+from .sft import PostTrainCheckpointer, Row, checkpoint_dir, collate, data_order, load_model_and_tokenizer
 
 LOSS_TYPES = ("dpo_norm", "dpo", "simpo")
 
@@ -66,8 +70,15 @@ class DPOConfig:
     dtype: str = "float32"
     device: str = ""
     ref_cache: str = ""  # file for the reference log-probs; empty: output/reference_logps.pt
+    save_interval: int = 100  # steps between checkpoints (and one at the end); 0: only at the end
+    keep_last: int = 2  # checkpoints kept (0: all)
+    checkpoint_dir: str = ""  # empty: output/checkpoints; a rerun of the same command resumes from it
+    hard_stop: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0: off
 
     def __post_init__(self) -> None:
+        for name in ("save_interval", "keep_last", "hard_stop"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DPOConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"DPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         for name in ("max_length", "micro_batch_size", "grad_accum", "epochs"):
@@ -152,8 +163,10 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     """Run DPO as ``cfg`` says; write the HF folder ``cfg.output``. Returns per-step metrics."""
     from .checkpoint_hf import save_pretrained
     from .dtypes import DTYPES
+    from .files import atomic_write
     from .sft import linear_schedule
     from .tokenizers import save_tokenizer
+    from .train.checkpoint import list_checkpoints
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
@@ -165,29 +178,46 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     pad_id = tokenizer.token_to_id("<|pad|>")
     pad_id = pad_id if pad_id is not None and pad_id < model.config.vocab_size else tokenizer.token_to_id("<|endoftext|>")
     out = Path(cfg.output)
-    ref = None
-    if cfg.loss_type != "simpo":
-        ref = reference_logps(model, pairs, pad_id, cfg.micro_batch_size, device)
-        cache = Path(cfg.ref_cache) if cfg.ref_cache else out / "reference_logps.pt"
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"data": str(cfg.data), "model": str(cfg.model), "logps": ref}, cache)
-        log(f"reference log-probs of {len(pairs)} pairs cached in {cache}")
-
     per_step = cfg.micro_batch_size * cfg.grad_accum
     total_steps = math.ceil(len(pairs) / per_step) * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    rng = random.Random(cfg.seed)
+    checkpointer = PostTrainCheckpointer(cfg, model, optimizer, scheduler, len(pairs), log)
+
+    ref = None
+    cache = Path(cfg.ref_cache) if cfg.ref_cache else out / "reference_logps.pt"
+    resuming = cfg.loss_type != "simpo" and bool(list_checkpoints(checkpoint_dir(cfg)))
+    if cfg.loss_type != "simpo":
+        if resuming and cache.is_file():
+            # The policy in the checkpoint is no longer the reference: the cached pass is.
+            ref = torch.load(cache, weights_only=True)["logps"]
+            if ref.shape != (len(pairs), 2):
+                raise ValueError(f"ref_cache {cache}: holds {tuple(ref.shape)} log-probs, the data has "
+                                 f"{len(pairs)} pairs")
+            log(f"reference log-probs of {len(pairs)} pairs read from {cache}")
+        elif resuming:
+            raise FileNotFoundError(f"ref_cache {cache}: missing, and the checkpoints in {checkpoint_dir(cfg)} hold "
+                                    "a trained policy, not the reference; restore the file or start afresh")
+        else:
+            ref = reference_logps(model, pairs, pad_id, cfg.micro_batch_size, device)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(cache, "wb", encoding=None) as f:
+                torch.save({"data": str(cfg.data), "model": str(cfg.model), "logps": ref}, f)
+            log(f"reference log-probs of {len(pairs)} pairs cached in {cache}")
+    extra = {"ref_cache": str(cache) if ref is not None else None}
+
+    state = checkpointer.resume()
+    step, first_epoch, position = (state["step"], state["epoch"], state["position"]) if state else (0, 0, 0)
+    stop = min(total_steps, cfg.hard_stop) if cfg.hard_stop else total_steps
+    saved_step = step if state else -1
     history: list[dict] = []
     model.train()
-    step = 0
-    for _epoch in range(cfg.epochs):
-        order = list(range(len(pairs)))
-        rng.shuffle(order)
-        for start in range(0, len(order), per_step):
-            if step >= total_steps:
+    for epoch in range(first_epoch, cfg.epochs):
+        order = data_order(len(pairs), cfg.seed, epoch)
+        for start in range(position if epoch == first_epoch else 0, len(order), per_step):
+            if step >= stop:
                 break
             idx = order[start : start + per_step]
             sums = {k: 0.0 for k in ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected")}
@@ -215,6 +245,17 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
             step += 1
             history.append(row)
             log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
+            next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
+            if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
+                checkpointer.save(step, next_epoch, next_pos, extra)
+                saved_step = step
+        if step >= stop:
+            break
+    if saved_step != step:
+        checkpointer.save(step, cfg.epochs, 0, extra)
+    if step < total_steps:
+        log(f"hard_stop: stopped after step {step} of {total_steps}; rerun without hard_stop to continue")
+        return {"history": history, "steps": step, "bad_records": len(report.bad)}
     model.eval()
     save_pretrained(model, out, chat_template=CHAT_TEMPLATE)
     save_tokenizer(tokenizer_spec, out)

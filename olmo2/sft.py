@@ -24,12 +24,17 @@ Why not a stage of :mod:`olmo2.train`: the pretraining trainer is built around a
 token stream (memmapped corpus, fixed-length windows, FSDP2/DDP, resumable data
 position). SFT needs variable-length conversations, masks and per-document
 positions; this first version is a small single-process loop over the same model,
-kernels and HF checkpoints. Not yet here: FSDP2/DDP, resume from a trainer
-checkpoint, in-loop evaluation (issue 14, later parts).
+kernels and HF checkpoints. Not yet here: FSDP2/DDP, in-loop evaluation.
+
+* **Resume**: every ``save_interval`` steps and at the end, a verified checkpoint in
+  the pretraining trainer's format (:class:`PostTrainCheckpointer`: model, optimizer,
+  scheduler, data position, RNG) under ``output/checkpoints``; rerunning the same
+  command continues from the newest one that verifies, bitwise as if never stopped.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import sys
@@ -61,8 +66,15 @@ class SFTConfig:
     seed: int = 123
     dtype: str = "float32"
     device: str = ""
+    save_interval: int = 100  # steps between checkpoints (and one at the end); 0: only at the end
+    keep_last: int = 2  # checkpoints kept (0: all)
+    checkpoint_dir: str = ""  # empty: output/checkpoints; a rerun of the same command resumes from it
+    hard_stop: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0: off
 
     def __post_init__(self) -> None:
+        for name in ("save_interval", "keep_last", "hard_stop"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_length", "micro_batch_size", "grad_accum", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -162,6 +174,72 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# --------------------------------------------------------------------------- exact resume
+# Fields that decide the data order and the schedule: a rerun that changes one of
+# them cannot continue the saved run exactly, so resume refuses it.
+RESUME_KEYS = ("data", "max_length", "packing", "micro_batch_size", "grad_accum", "epochs", "max_steps", "seed",
+               "lr", "warmup_ratio", "weight_decay", "loss_type", "beta", "gamma", "dtype")
+
+
+def checkpoint_dir(cfg) -> Path:
+    return Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else Path(cfg.output) / "checkpoints"
+
+
+def data_order(n_items: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled item order of ``epoch``: the same for a straight run and a resumed one."""
+    rng = random.Random(seed)
+    order = list(range(n_items))
+    for _ in range(epoch + 1):
+        order = list(range(n_items))
+        rng.shuffle(order)
+    return order
+
+
+class PostTrainCheckpointer:
+    """Periodic, verified checkpoints of a post-training run, in the pretraining trainer's
+    format (:func:`olmo2.train.checkpoint.save_checkpoint`: model and optimizer through
+    DCP, RNG states, ``trainer.json``, a ``manifest.json`` of sha256s written last, the
+    folder renamed into place, ``latest`` updated last). ``trainer.json`` holds the step,
+    the data position (epoch, next item), the scheduler state, the resume-relevant config
+    and ``extra`` (DPO: the reference log-probs file)."""
+
+    def __init__(self, cfg, model, optimizer, scheduler, n_items: int, log):
+        self.cfg, self.model, self.optimizer, self.scheduler, self.log = cfg, model, optimizer, scheduler, log
+        self.root = checkpoint_dir(cfg)
+        self.n_items = n_items
+
+    def resume(self) -> dict | None:
+        """Load the newest checkpoint that verifies (None when there is none); refuse one
+        saved with a different data order or schedule."""
+        from .train.checkpoint import load_newest_good
+
+        path, state = load_newest_good(self.root, self.model, self.optimizer, log=self.log, move_damaged=True)
+        if state is None:
+            return None
+        saved = state["config"]
+        for key in RESUME_KEYS:
+            if key in saved and saved[key] != getattr(self.cfg, key, None):
+                raise ValueError(f"{key}={getattr(self.cfg, key)!r} differs from {saved[key]!r} in checkpoint {path}: "
+                                 f"resume needs the same value (or another checkpoint_dir to start afresh)")
+        if state["n_items"] != self.n_items:
+            raise ValueError(f"--data has {self.n_items} usable items, checkpoint {path} was trained on "
+                             f"{state['n_items']}: resume needs the same data")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.log(f"resumed from {path} at step {state['step']} (epoch {state['epoch']}, item {state['position']})")
+        return state
+
+    def save(self, step: int, epoch: int, position: int, extra: dict | None = None) -> Path:
+        from .train.checkpoint import save_checkpoint
+
+        state = {"epoch": epoch, "position": position, "n_items": self.n_items,
+                 "scheduler": self.scheduler.state_dict(), "config": dataclasses.asdict(self.cfg), **(extra or {})}
+        path = save_checkpoint(self.root, step, self.model, self.optimizer, state,
+                               config_yaml=json.dumps(dataclasses.asdict(self.cfg), indent=1) + "\n",
+                               keep_last=self.cfg.keep_last)
+        self.log(f"saved {path}")
+        return path
+
+
 # --------------------------------------------------------------------------- the loop
 def _log(text: str) -> None:
     print(f"olmo2-sft: {text}", file=sys.stderr, flush=True)
@@ -206,15 +284,17 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
     log(f"{len(examples)} conversations in {len(rows)} rows; {total_steps} steps of {per_step} rows")
-    rng = random.Random(cfg.seed)
+    checkpointer = PostTrainCheckpointer(cfg, model, optimizer, scheduler, len(rows), log)
+    state = checkpointer.resume()
+    step, first_epoch, position = (state["step"], state["epoch"], state["position"]) if state else (0, 0, 0)
     losses: list[float] = []
     model.train()
-    step = 0
-    for _epoch in range(cfg.epochs):
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        for start in range(0, len(order), per_step):
-            if step >= total_steps:
+    stop = min(total_steps, cfg.hard_stop) if cfg.hard_stop else total_steps
+    saved_step = step if state else -1
+    for epoch in range(first_epoch, cfg.epochs):
+        order = data_order(len(rows), cfg.seed, epoch)
+        for start in range(position if epoch == first_epoch else 0, len(order), per_step):
+            if step >= stop:
                 break
             chunk = [rows[i] for i in order[start : start + per_step]]
             micro = [collate(chunk[i : i + cfg.micro_batch_size], pad_id, cfg.packing)
@@ -228,10 +308,21 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
             losses.append(loss)
             step += 1
             log(f"step {step}/{total_steps} loss {loss:.4f} tokens {count} lr {scheduler.get_last_lr()[0]:.3g}")
+            next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
+            if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
+                checkpointer.save(step, next_epoch, next_pos)
+                saved_step = step
+        if step >= stop:
+            break
+    if saved_step != step:
+        checkpointer.save(step, cfg.epochs, 0)
+    if step < total_steps:
+        log(f"hard_stop: stopped after step {step} of {total_steps}; rerun without hard_stop to continue")
+        return {"losses": losses, "steps": step, "bad_records": len(report.bad)}
     model.eval()
     out = Path(cfg.output)
     save_pretrained(model, out, chat_template=CHAT_TEMPLATE)
     save_tokenizer(tokenizer_spec, out)
-    (out / "sft_config.json").write_text(__import__("json").dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    (out / "sft_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     log(f"wrote {out}")
     return {"losses": losses, "steps": step, "bad_records": len(report.bad)}

@@ -150,3 +150,42 @@ def test_dpo_step_allocates_no_batch_by_tokens_by_vocab_tensor():
     with PeakAllocations() as naive, torch.no_grad():
         model(b["input_ids"])
     assert naive.peak >= full_logits_bytes
+
+
+def test_dpo_resume_is_exact(tmp_path, capsys):
+    """4 steps straight vs 2 steps, stop, rerun of the same command to 4: bitwise equal weights; the resumed
+    run reads the cached reference log-probs instead of recomputing them from the (trained) checkpoint."""
+    from safetensors.torch import load_file
+
+    from olmo2.cli.dpo import main
+    from olmo2.tokenizers import save_tokenizer
+
+    base = tmp_path / "base"
+    save_pretrained(tiny(vocab=258), base)  # the byte tokenizer: a small checkpoint
+    save_tokenizer("byte", base)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Add {a} and {a + 1}"}],
+                                        "chosen": [{"role": "assistant", "content": f"{2 * a + 1}"}],
+                                        "rejected": [{"role": "assistant", "content": f"{2 * a + 2} maybe"}]}) + "\n"
+                            for a in range(6)))
+    # 6 pairs, 3 steps an epoch: step 4 is in the second epoch
+    keys = ["max_length=64", "micro_batch_size=1", "grad_accum=2", "lr=5e-3", "beta=1.0", "warmup_ratio=0.25",
+            "epochs=2", "max_steps=4", "save_interval=3", "device=cpu"]
+
+    def run(out, *extra):
+        return main(["--data", str(data), "--model", str(base), "--output", str(tmp_path / out), *keys, *extra])
+
+    assert run("straight") == 0
+    assert run("resumed", "hard_stop=2") == 0
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert run("resumed") == 0
+    err = capsys.readouterr().err
+    assert "at step 2 (epoch 0, item 4)" in err and "reference log-probs of 6 pairs read from" in err
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "step00000004" / "trainer.json").read_text())
+    assert state["ref_cache"] == str(tmp_path / "resumed" / "reference_logps.pt")
+    (tmp_path / "resumed" / "reference_logps.pt").unlink()
+    assert run("resumed") == 2  # without the cache the reference is gone: refuse, never use the trained policy
+    assert "reference_logps.pt: missing" in capsys.readouterr().err

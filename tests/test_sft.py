@@ -136,3 +136,37 @@ def test_sft_cli_dry_run_preset_and_errors(capsys):
     assert main(["--model", "m", "--data", "d", "--output", "o", "--preset", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("olmo2-sft: --preset must be one of") and err.count("\n") == 1
+
+
+def test_sft_resume_is_exact(tmp_path, capsys):
+    """4 steps straight vs 2 steps, stop, rerun of the same command to 4: bitwise equal weights."""
+    from safetensors.torch import load_file
+
+    from olmo2.cli.sft import main
+    from olmo2.tokenizers import save_tokenizer
+
+    base = tmp_path / "base"
+    save_pretrained(tiny(vocab=258), base)  # the byte tokenizer: a small checkpoint
+    save_tokenizer("byte", base)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Add {a} and {a + 1}"},
+                                                     {"role": "assistant", "content": f"{2 * a + 1}"}]}) + "\n"
+                            for a in range(6)))
+    # 6 rows, 3 steps an epoch: step 4 is in the second epoch, so the data order is resumed across epochs
+    keys = ["max_length=64", "packing=false", "micro_batch_size=1", "grad_accum=2", "lr=1e-2",
+            "warmup_ratio=0.25", "epochs=2", "max_steps=4", "save_interval=3", "device=cpu"]
+
+    def run(out, *extra):
+        return main(["--data", str(data), "--model", str(base), "--output", str(tmp_path / out), *keys, *extra])
+
+    assert run("straight") == 0
+    assert run("resumed", "hard_stop=2") == 0
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert run("resumed") == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "at step 2 (epoch 0, item 4)" in err
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run("resumed", "lr=2e-2") == 2  # a changed schedule cannot continue the run
+    assert "lr=0.02 differs from 0.01 in checkpoint" in capsys.readouterr().err

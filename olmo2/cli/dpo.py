@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(dataclasses.asdict(cfg), indent=1))
             return 0
         result = train_dpo(cfg)
-        h = result["history"]
+        h = result["history"] or [None]  # empty when a finished run is rerun
         print(json.dumps({"steps": result["steps"], "first": h[0], "last": h[-1],
                           "bad_records": result["bad_records"], "output": cfg.output}))
         return 0

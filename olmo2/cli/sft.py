@@ -63,9 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(dataclasses.asdict(cfg), indent=1))
             return 0
         result = train_sft(cfg)
-        print(json.dumps({"steps": result["steps"], "first_loss": result["losses"][0],
-                          "last_loss": result["losses"][-1], "bad_records": result["bad_records"],
-                          "output": cfg.output}))
+        losses = result["losses"] or [None]  # empty when a finished run is rerun
+        print(json.dumps({"steps": result["steps"], "first_loss": losses[0], "last_loss": losses[-1],
+                          "bad_records": result["bad_records"], "output": cfg.output}))
         return 0
 
     return errors.run(PROG, body, ["--debug"] if args.debug else [], errors.expected_errors())
