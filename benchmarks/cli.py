@@ -4,6 +4,7 @@ torch.compile and Liger-Kernel.
     olmo2-bench [kernels] [--quick] [--ops rms_norm,swiglu] [--backends torch,triton,compile]
                           [--dtype bf16] [--presets 1b,7b] [--out bench_out] [--name kernels]
     olmo2-bench model [--preset 1b] [--seq-len 4096] [--batch-size 4] [--impls kernels,eager,compile,transformers]
+    olmo2-bench dpo [--preset 1b] [--pairs 4] [--seq-len 2048] [--impls fused,materialized]
     olmo2-bench report FILE.json [FILE.json ...] [--out DIR]     # print tables and redraw plots
 
 ``kernels`` is the default subcommand. Results go to ``--out`` (default
@@ -21,12 +22,13 @@ import torch
 
 from . import harness, kernels, plots, report
 from .impls import IMPLS
+from .dpo_step import IMPL_NAMES as DPO_IMPLS, format_dpo_table, run_dpo_benchmark
 from .model import ATTN_CHOICES, IMPL_NAMES, run_model_benchmark
 from .specs import CPU_PRESET, GPU_PRESETS, OPS, canonical_preset, plan
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
-SUBCOMMANDS = ("kernels", "model", "report")
+SUBCOMMANDS = ("kernels", "model", "dpo", "report")
 
 
 def _csv(value: str) -> list[str]:
@@ -103,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention of every implementation: sdpa (torch picks the kernel), sdpa-flash (SDPA's "
                         "FlashAttention kernel only), flash_attn (the flash-attn package), eager (default: sdpa)")
     m.add_argument("--name", default="model")
+
+    d = sub.add_parser("dpo", help="a DPO step (chosen + rejected, forward+backward): fused log-probs vs "
+                                   "materialized logits, time and peak memory")
+    _add_common(d)
+    d.add_argument("--preset", default=None, help="model preset (default: 1b on GPU, tiny on CPU)")
+    d.add_argument("--seq-len", type=int, default=None, help="tokens per row (default: 2048 on GPU, 256 on CPU)")
+    d.add_argument("--pairs", type=int, default=None, help="preference pairs per step, 2 rows each (default: 4)")
+    d.add_argument("--steps", type=int, default=None, help="timed steps (default: 10, 3 --quick)")
+    d.add_argument("--vocab-size", type=int, default=None,
+                   help="vocabulary instead of the preset's (e.g. 100352, dolma2's, on the tiny layout)")
+    d.add_argument("--impls", type=_choices("--impls", DPO_IMPLS), default=list(DPO_IMPLS))
+    d.add_argument("--name", default="dpo")
 
     r = sub.add_parser("report", help="print the tables of result files and redraw their plots")
     r.add_argument("files", nargs="+", type=Path)
@@ -212,6 +226,18 @@ def cmd_model(args) -> int:
     return 1 if any(r["status"] == "error" for r in doc["rows"]) else 0
 
 
+def cmd_dpo(args) -> int:
+    device = _device(args.device)
+    _apply_threads(args)
+    doc = run_dpo_benchmark(args, device, _dtype(args, device))
+    path = args.out / f"{args.name}.json"
+    report.write_json(path, doc)
+    print()
+    print(format_dpo_table(doc))
+    print(f"\n[bench] wrote {path}")
+    return 1 if any(r["status"] == "error" for r in doc["rows"]) else 0
+
+
 def _report_error(what: str, file) -> int:
     """A file ``report`` cannot read: one line, ``olmo2-bench report: <what> (<path>)``, exit 2."""
     print(f"olmo2-bench report: {what} ({file})", file=sys.stderr, flush=True)
@@ -222,7 +248,8 @@ def cmd_report(args) -> int:
     for file in args.files:
         try:
             doc = report.read_json(file)
-            table = report.format_kernel_table(doc) if doc["kind"] == "kernels" else report.format_model_table(doc)
+            formats = {"kernels": report.format_kernel_table, "dpo": format_dpo_table}
+            table = formats.get(doc["kind"], report.format_model_table)(doc)
         except FileNotFoundError:
             return _report_error("no such file", file)
         except IsADirectoryError:
@@ -235,7 +262,8 @@ def cmd_report(args) -> int:
         print(f"== {file}")
         print(table)
         print()
-        _plots(doc, args.out or Path(file).parent, not args.no_plots, Path(file).stem)
+        if doc["kind"] != "dpo":  # a two-row table; no plot
+            _plots(doc, args.out or Path(file).parent, not args.no_plots, Path(file).stem)
     return 0
 
 
@@ -244,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "kernels")
     args = build_parser().parse_args(argv)
-    handler = {"kernels": cmd_kernels, "model": cmd_model, "report": cmd_report}[args.command]
+    handler = {"kernels": cmd_kernels, "model": cmd_model, "dpo": cmd_dpo, "report": cmd_report}[args.command]
     return handler(args)
 
 

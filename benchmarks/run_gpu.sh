@@ -24,6 +24,7 @@
 #   kernels        the three above
 #   model          olmo2-bench model: kernels, eager, transformers (1B, 4 x 4096)
 #   model-compile  olmo2-bench model: compile, kernels+compile
+#   dpo            olmo2-bench dpo: a DPO step, fused log-probs vs materialized logits (1B, 4 pairs x 2048)
 #   pytest-bench   pytest benchmarks/ --benchmark-only (host-clock timings; the CLI's are the reference)
 #   all            everything above but quick, in order (longer than one command: for a session without limits)
 #
@@ -38,9 +39,9 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 PY=${PYTHON:-python3}
 STATUS=0
-STEP_NAMES=" quick env build test kernels-norms kernels-ce kernels-lce kernels model model-compile pytest-bench all "
+STEP_NAMES=" quick env build test kernels-norms kernels-ce kernels-lce kernels model model-compile dpo pytest-bench all "
 
-usage() { sed -n '2,35p' "$0"; }
+usage() { sed -n '2,36p' "$0"; }
 
 DRY_RUN=0
 STEPS=()
@@ -208,6 +209,13 @@ step_model() {
   JSONS+=("$RESULTS/$name.json")
   # shellcheck disable=SC2086
   logged "$name" "$PY" -m benchmarks model --out "$RESULTS" --name "$name" "$@" ${OLMO2_BENCH_ARGS:-}
+}
+
+step_dpo() {
+  ensure_built || return
+  JSONS+=("$RESULTS/dpo.json")
+  # shellcheck disable=SC2086
+  logged dpo "$PY" -m benchmarks dpo --out "$RESULTS" --name dpo ${OLMO2_BENCH_ARGS:-}
 }
 
 # --------------------------------------------------------------------------- quick
@@ -413,6 +421,7 @@ for step in "${STEPS[@]}"; do
       bench_kernels kernels_lce --ops linear_cross_entropy ;;
     model) step_model model --impls kernels,eager,transformers ;;
     model-compile) step_model model_compile --impls compile,kernels+compile ;;
+    dpo) step_dpo ;;
     pytest-bench)
       ensure_built || continue
       JSONS+=("$RESULTS/pytest_benchmark.json")
@@ -424,7 +433,8 @@ for step in "${STEPS[@]}"; do
       bench_kernels kernels_ce --ops cross_entropy
       bench_kernels kernels_lce --ops linear_cross_entropy
       step_model model --impls kernels,eager,transformers
-      step_model model_compile --impls compile,kernels+compile ;;
+      step_model model_compile --impls compile,kernels+compile
+      step_dpo ;;
   esac
 done
 sync_out

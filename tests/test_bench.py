@@ -311,3 +311,31 @@ def test_model_mfu_uses_the_trainers_peak_table(monkeypatch):
     assert model.peak_flops(gpu, FP32, measured_tflops=50.0) == (50e12, "measured matmul rate 50 TFLOP/s "
                                                                      "(no datasheet peak for this device/dtype)")
     assert model.peak_flops(CPU, FP32, measured_tflops=None) == (None, "n/a")
+
+
+def test_dpo_step_quick_cpu_run(tmp_path, one_thread, capsys):
+    """olmo2-bench dpo at a tiny size: both implementations run on the same weights and tokens (same loss), the
+    harness's quantiles are reported, and the materialized step peaks more than one copy of the logits above the
+    fused one."""
+    code = cli.main(["dpo", "--quick", "--threads", "1", "--out", str(tmp_path), "--no-plots",
+                     "--seq-len", "128", "--pairs", "2", "--vocab-size", "8192"])
+    assert code == 0
+    doc = _strict_json(tmp_path / "dpo.json")
+    assert doc["kind"] == "dpo" and doc["config"]["rows"] == 4 and doc["model_config"]["vocab_size"] == 8192
+    rows = {r["impl"]: r for r in doc["rows"]}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        t = r["step"]
+        assert t["repeats"] == 3 and t["q20_ms"] <= t["median_ms"] <= t["q80_ms"] and r["tokens_per_s"] > 0
+        assert r["peak_mem_bytes"] > 0
+    assert abs(rows["fused"]["loss"] - rows["materialized"]["loss"]) < 1e-4
+    assert abs(rows["fused"]["logp_chosen_sum"] - rows["materialized"]["logp_chosen_sum"]) < 1e-3 * abs(
+        rows["materialized"]["logp_chosen_sum"])
+    logits = doc["logits_bytes"]
+    assert logits == 4 * 128 * 8192 * 4
+    # 4 rows x 128 tokens x 8192 vocab fp32 = 16 MiB of logits. The peak is measured above weights and (allocated)
+    # gradients; both hold the body's activations, and the materialized step the logits, their fp32 log-softmax
+    # and its gradient on top (measured: 85 MiB against 48 MiB), so it peaks more than one logits copy higher.
+    assert rows["materialized"]["peak_mem_bytes"] - rows["fused"]["peak_mem_bytes"] > logits
+    assert "fused" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path / "dpo.json"), "--no-plots"]) == 0
