@@ -138,10 +138,7 @@ def test_sft_cli_dry_run_preset_and_errors(capsys):
     assert err.startswith("olmo2-sft: --preset must be one of") and err.count("\n") == 1
 
 
-def test_sft_resume_is_exact(tmp_path, capsys):
-    """4 steps straight vs 2 steps, stop, rerun of the same command to 4: bitwise equal weights."""
-    from safetensors.torch import load_file
-
+def _resume_setup(tmp_path):
     from olmo2.cli.sft import main
     from olmo2.tokenizers import save_tokenizer
 
@@ -159,14 +156,42 @@ def test_sft_resume_is_exact(tmp_path, capsys):
     def run(out, *extra):
         return main(["--data", str(data), "--model", str(base), "--output", str(tmp_path / out), *keys, *extra])
 
+    return run
+
+
+def _same_weights(a_dir, b_dir):
+    from safetensors.torch import load_file
+
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_resume_is_exact(tmp_path, capsys):
+    """4 steps straight vs 2 steps, stop, rerun of the same command to 4: bitwise equal weights."""
+    run = _resume_setup(tmp_path)
     assert run("straight") == 0
     assert run("resumed", "hard_stop=2") == 0
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     assert run("resumed") == 0
     err = capsys.readouterr().err
     assert "resumed from" in err and "at step 2 (epoch 0, item 4)" in err
-    a = load_file(tmp_path / "straight" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
     assert run("resumed", "lr=2e-2") == 2  # a changed schedule cannot continue the run
     assert "lr=0.02 differs from 0.01 in checkpoint" in capsys.readouterr().err
+
+
+def test_sft_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
+    """The newest checkpoint damaged: resume from the one before (moving the damaged one aside), still exact."""
+    run = _resume_setup(tmp_path)
+    assert run("straight") == 0
+    assert run("resumed", "hard_stop=2", "save_interval=1") == 0
+    root = tmp_path / "resumed" / "checkpoints"
+    shard = next(p for p in (root / "step00000002" / "state").iterdir() if p.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert run("resumed") == 0
+    err = capsys.readouterr().err
+    assert "FELL BACK" in err and "at step 1 (epoch 0, item 2)" in err
+    assert (root / "damaged-step00000002").is_dir()
+    assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
