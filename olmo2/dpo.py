@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
