@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-lr", type=float, default=2e-3)
     p.add_argument("--sft-rows", type=int, default=4, help="packed rows of 256 tokens per SFT step")
     p.add_argument("--dpo-epochs", type=int, default=1)
-    p.add_argument("--dpo-lr", type=float, default=5e-4)
+    p.add_argument("--dpo-lr", type=float, default=1e-4)
     p.add_argument("--dpo-beta", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
