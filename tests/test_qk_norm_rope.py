@@ -309,16 +309,18 @@ qk_module = importlib.import_module("olmo2_kernels.qk_norm_rope")
         (40, 8, (32, 8, 32, 32)),  # 32B (8 kv heads)
     ],
 )
-def test_gpu_tiling(n_q_heads, n_kv_heads, q_tiles):
+def test_gpu_tiling(n_q_heads, n_kv_heads, q_tiles, monkeypatch):
     """The launchers' production tilings at OLMo 2 head counts (head_dim 128), run
     under the interpreter on two tokens against the spec."""
-    from launch_recorder import record_launches
+    from launches import RecordLaunches
 
     if skip_reason("triton", OP):
         pytest.skip(skip_reason("triton", OP))
     device = device_for("triton")
-    with olmo2_kernels.use_backend("triton"), record_launches(qk_module) as calls:
+    recorder = RecordLaunches(monkeypatch, qk_module)
+    with olmo2_kernels.use_backend("triton"):
         check(*make((1,), 2, 128, n_q_heads, n_kv_heads, device, torch.bfloat16, theta=500_000.0), 128)
+    calls = [{"kernel": launch.kernel, "grid": launch.grid, **launch.meta} for launch in recorder.launches]
     fwd_q, fwd_k, bwd_q, bwd_k = calls
     block_h, block_h2, fwd_warps, bwd_warps = q_tiles
     for call, warps in ((fwd_q, fwd_warps), (bwd_q, bwd_warps)):

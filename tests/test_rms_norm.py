@@ -155,17 +155,19 @@ rms_module = importlib.import_module("olmo2_kernels.rms_norm")  # the package ex
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_tiling(width, fwd, bwd, dtype):
+def test_gpu_tiling(width, fwd, bwd, dtype, monkeypatch):
     """The launchers' production tilings, run under the interpreter against the spec."""
-    from launch_recorder import record_launches
+    from launches import RecordLaunches
 
     if skip_reason("triton", OP):
         pytest.skip(skip_reason("triton", OP))
     device = device_for("triton")
     x = torch.randn(3, width, device=device, dtype=dtype)
     weight = torch.randn(width, device=device, dtype=dtype)
-    with olmo2_kernels.use_backend("triton"), record_launches(rms_module) as calls:
+    recorder = RecordLaunches(monkeypatch, rms_module)
+    with olmo2_kernels.use_backend("triton"):
         check(x, weight)
+    calls = [{"kernel": launch.kernel, "grid": launch.grid, **launch.meta} for launch in recorder.launches]
     got = [(c["kernel"], c["BLOCK"], c["num_warps"]) for c in calls]
     assert got == [fwd, bwd]
 

@@ -182,15 +182,17 @@ swiglu_module = importlib.import_module("olmo2_kernels.swiglu")
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_tiling(shape, tile, dtype):
+def test_gpu_tiling(shape, tile, dtype, monkeypatch):
     """The launchers' production tilings, recorded and run under the interpreter against the spec."""
-    from launch_recorder import record_launches
+    from launches import RecordLaunches
 
     if skip_reason("triton", OP):
         pytest.skip(skip_reason("triton", OP))
     device = device_for("triton")
     gate = torch.randn(shape, device=device, dtype=dtype)
     up = torch.randn(shape, device=device, dtype=dtype)
-    with olmo2_kernels.use_backend("triton"), record_launches(swiglu_module) as calls:
+    recorder = RecordLaunches(monkeypatch, swiglu_module)
+    with olmo2_kernels.use_backend("triton"):
         check(gate, up)
+    calls = [{"kernel": launch.kernel, "grid": launch.grid, **launch.meta} for launch in recorder.launches]
     assert [(c["BLOCK_R"], c["BLOCK_C"], c["num_warps"], c["grid"][0]) for c in calls] == [tile, tile]
