@@ -16,16 +16,14 @@ What this module owns:
   silently dropped and never raised mid-run; callers print :meth:`BadRecords.summary`.
 
 Source of the template: the ``chat_template`` of OLMo 2 Instruct's published
-``tokenizer_config.json`` (``allenai/OLMo-2-1124-7B-Instruct``), which is the
-``"tulu"`` template of allenai/open-instruct with ``{{ bos_token }}`` in front,
-the bos token being ``<|endoftext|>``. The rendered format is the one the
-``allenai/OLMo-2-1124-13B-Instruct`` model card shows
-(``<|endoftext|><|user|>\\nHow are you doing?\\n<|assistant|>\\nI'm ...<|endoftext|>``,
-checked with the search tool); the Jinja string itself is written from the
-published one as we know it (no copy of that file was at hand to diff against):
-``<|system|>\\n``, ``<|user|>\\n`` and ``<|assistant|>\\n`` headers, each turn
-followed by ``\\n``, an assistant turn ending with EOS (then ``\\n`` unless it is
-the last message), and ``<|assistant|>\\n`` as the generation prompt.
+``tokenizer_config.json`` (``allenai/OLMo-2-1124-13B-Instruct``, the 2025-01
+re-release), which is the ``"tulu"`` template of allenai/open-instruct with
+``{{ bos_token }}`` in front, the bos token being ``<|endoftext|>`` (id 100257),
+the pad token ``<|pad|>`` (100277). :data:`CHAT_TEMPLATE` was compared with that
+file's string after JSON decoding: identical, character for character.
+``<|system|>\n``, ``<|user|>\n`` and ``<|assistant|>\n`` headers, each turn
+followed by ``\n``, an assistant turn ending with EOS (then ``\n`` unless it is
+the last message), and ``<|assistant|>\n`` as the generation prompt.
 """
 from __future__ import annotations
 
