@@ -8,9 +8,17 @@ from the temperature-scaled distribution cut to its top-p nucleus.
 Batches may be left-padded: pass ``attention_mask`` (1 for tokens, 0 for
 padding); positions then count real tokens only (``cumsum(mask) - 1``, as
 ``transformers`` does), so a padded row continues exactly as it would alone.
+
+:func:`sample` is the generation RL needs: ``k`` completions per prompt from
+one shared prefill, prompts of different lengths in one batch, per-row stop
+on eos or stop sequences, and the log-probability of every sampled token
+taken from the decoding logits themselves (no second forward). Rows that
+finish drop out of the batch once half of it is done, so compute follows the
+sequences still running.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -117,3 +125,208 @@ def generate(
     if not new_tokens:
         return input_ids.clone()
     return torch.cat([input_ids, torch.stack(new_tokens, dim=1)], dim=1)
+
+
+# --------------------------------------------------------------------------- sampling for RL
+STOP_REASONS = ("eos", "stop", "length")
+
+
+@dataclass
+class Samples:
+    """What :func:`sample` returns: one entry per row, rows = prompts x k, prompt-major.
+
+    ``prompt_index[r]``: the prompt row ``r`` continues. ``tokens[r]``: the
+    completion's ids (no prompt, no padding), ending with the eos id or the
+    matched stop sequence when the row stopped on one (they are what the policy
+    sampled, so a trainer scores them too; strip them for display).
+    ``logprobs[r]``: log p of each of those tokens under the model's raw
+    distribution, i.e. ``log_softmax`` of the logits in fp32 at temperature 1
+    and without top-p, whatever temperature/top-p the draw used (the policy that
+    GRPO trains). ``stop_reason[r]``: ``"eos"``, ``"stop"`` or ``"length"``.
+    """
+
+    prompt_index: list[int]
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    stop_reason: list[str]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def _check_positive_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"sample: {name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _token_lists(name: str, seqs: object, vocab_size: int) -> list[list[int]]:
+    """``seqs`` as a list of non-empty lists of ids in [0, vocab_size)."""
+    if isinstance(seqs, (str, bytes)) or not isinstance(seqs, (Sequence, Tensor)):
+        raise TypeError(f"sample: {name} must be a list of token-id lists, got {type(seqs).__name__}")
+    out = []
+    for i, seq in enumerate(seqs):
+        if isinstance(seq, Tensor):
+            if seq.dim() != 1 or seq.dtype not in INDEX_DTYPES:
+                raise TypeError(f"sample: {name}[{i}] must be a 1-D int tensor or a list of ints, got {seq.dtype} {tuple(seq.shape)}")
+            seq = seq.tolist()
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise TypeError(f"sample: {name}[{i}] must be a list of token ids, got {type(seq).__name__}")
+        if len(seq) == 0:
+            raise ValueError(f"sample: {name}[{i}] is empty; it needs at least one token id")
+        for j, t in enumerate(seq):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise ValueError(f"sample: {name}[{i}][{j}] = {t!r} is not a token id in [0, vocab_size={vocab_size})")
+        out.append(list(seq))
+    return out
+
+
+@torch.inference_mode()
+def sample(
+    model: Olmo2ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    k: int = 1,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    stop_sequences: Sequence[Sequence[int]] | None = None,
+    generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+) -> Samples:
+    """``k`` completions of up to ``max_new_tokens`` tokens for each prompt (lists of ids).
+
+    Rows are prompt-major (prompt 0's k samples first) and run ``batch_size``
+    rows at a time (default: all at once); within a batch each distinct prompt
+    is prefilled once and its keys/values copied to its k rows. Prompts of
+    different lengths are left-padded with positions counting real tokens
+    only, so every row continues exactly as it would alone. A row stops at the
+    first eos id (``eos_token_id`` None: the config's; ``[]``: never) or once
+    its completion ends with one of ``stop_sequences`` (token-id lists, matched
+    inside the completion only, kept in ``tokens``), else after
+    ``max_new_tokens``. ``temperature`` 0 is greedy; otherwise the draw is
+    from the temperature-scaled distribution cut to its top-p nucleus. The
+    returned log-probs are always those of the unmodified policy (see
+    :class:`Samples`). Same ``generator`` seed and arguments: same samples
+    (the generator lives on the model's device).
+    """
+    config = model.config
+    prompts = _token_lists("prompts", prompts, config.vocab_size)
+    if not prompts:
+        raise ValueError("sample: prompts is empty; give at least one prompt")
+    _check_positive_int("k", k, 1)
+    _check_positive_int("max_new_tokens", max_new_tokens, 0)
+    if batch_size is not None:
+        _check_positive_int("batch_size", batch_size, 1)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"sample: temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p!r}")
+    stops = _token_lists("stop_sequences", stop_sequences or [], config.vocab_size)
+    eos = _eos_ids(config.eos_token_id if eos_token_id is None else eos_token_id)
+
+    rows = [p for p in range(len(prompts)) for _ in range(k)]
+    per_batch = len(rows) if batch_size is None else batch_size
+    out = Samples(prompt_index=rows, tokens=[], logprobs=[], stop_reason=[])
+    for start in range(0, len(rows), per_batch):
+        chunk = rows[start : start + per_batch]
+        distinct = sorted(set(chunk))
+        tokens, logps, reasons = _sample_rows(
+            model, [prompts[p] for p in distinct], [chunk.count(p) for p in distinct], max_new_tokens,
+            float(temperature), float(top_p), eos, stops, generator,
+        )
+        out.tokens += tokens
+        out.logprobs += logps
+        out.stop_reason += reasons
+    return out
+
+
+def _sample_rows(
+    model: Olmo2ForCausalLM,
+    prompts: list[list[int]],
+    repeats: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos: list[int],
+    stops: list[list[int]],
+    generator: torch.Generator | None,
+) -> tuple[list[list[int]], list[list[float]], list[str]]:
+    """One batch of :func:`sample`: prompt i continued ``repeats[i]`` times."""
+    device = next(model.parameters()).device
+    n_rows = sum(repeats)
+    if max_new_tokens == 0:
+        return [[] for _ in range(n_rows)], [[] for _ in range(n_rows)], ["length"] * n_rows
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.int64, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+    padded = any(len(p) != width for p in prompts)
+    mask = position_ids = None
+    if padded:
+        mask = (torch.arange(width, device=device)[None, :] >= (width - lengths)[:, None]).to(torch.int64)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    total = width + max_new_tokens
+    shared = n_rows != len(prompts)
+    cache = KVCache(len(model.model.layers), capacity=width if shared else total)
+    hidden, cache = model.model(ids, mask, position_ids, cache, use_cache=True)
+    logits = model.lm_head(hidden[:, -1])
+    if shared:  # k rows per prompt continue one prefill
+        expand = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(repeats, device=device))
+        cache = cache.select_rows(expand, capacity=total)
+        logits, lengths = logits[expand], lengths[expand]
+    full_mask = None
+    if padded:  # the prompt's mask, then ones for every generated position
+        full_mask = torch.ones(n_rows, total, dtype=torch.int64, device=device)
+        full_mask[:, :width] = mask[expand] if shared else mask
+
+    # Slot s of the running batch holds row slot_row[s]; rows that finished keep
+    # decoding (their tokens are ignored) until half the batch is done, then the
+    # batch is compacted to the running rows.
+    slot_row = torch.arange(n_rows, device=device)
+    running = torch.ones(n_rows, dtype=torch.bool, device=device)
+    out_tokens = torch.zeros(n_rows, max_new_tokens, dtype=torch.int64, device=device)
+    out_logps = torch.zeros(n_rows, max_new_tokens, dtype=torch.float32, device=device)
+    end = torch.full((n_rows,), max_new_tokens, dtype=torch.int64, device=device)
+    reason = torch.full((n_rows,), STOP_REASONS.index("length"), dtype=torch.int64, device=device)
+    eos_ids = torch.tensor(eos, dtype=torch.int64, device=device)
+    stop_ids = [torch.tensor(s, dtype=torch.int64, device=device) for s in stops]
+    for step in range(max_new_tokens):
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        token = sample_next(logits, temperature, top_p, generator)
+        out_tokens[slot_row, step] = token
+        out_logps[slot_row, step] = logp_all.gather(1, token[:, None]).squeeze(1)
+        hit_eos = torch.isin(token, eos_ids) if eos else torch.zeros_like(running)
+        hit_stop = torch.zeros_like(running)
+        for s in stop_ids:
+            if step + 1 >= len(s):
+                hit_stop |= (out_tokens[slot_row, step + 1 - len(s) : step + 1] == s).all(dim=1)
+        done = running & (hit_eos | hit_stop)
+        end[slot_row[done]] = step + 1
+        reason[slot_row[done & hit_eos]] = STOP_REASONS.index("eos")
+        reason[slot_row[done & ~hit_eos]] = STOP_REASONS.index("stop")
+        running &= ~done
+        n_running = int(running.sum())  # the one host sync per step: is anyone left?
+        if n_running == 0 or step + 1 == max_new_tokens:
+            break
+        if n_running <= running.numel() // 2:
+            keep = running.nonzero().squeeze(1)
+            cache = cache.select_rows(keep, capacity=total)
+            slot_row, token, lengths, running = slot_row[keep], token[keep], lengths[keep], running[keep]
+            if full_mask is not None:
+                full_mask = full_mask[keep]
+        past = width + step + 1  # positions in the cache after this token is fed
+        step_mask = step_pos = None
+        if full_mask is not None:
+            step_mask = full_mask[:, :past]
+            step_pos = (lengths + step)[:, None]
+        hidden, cache = model.model(token[:, None], step_mask, step_pos, cache, use_cache=True)
+        logits = model.lm_head(hidden[:, -1])
+
+    ends = end.tolist()
+    tokens = [row[:n] for row, n in zip(out_tokens.tolist(), ends)]
+    logps = [row[:n] for row, n in zip(out_logps.tolist(), ends)]
+    return tokens, logps, [STOP_REASONS[r] for r in reason.tolist()]

@@ -106,6 +106,23 @@ class KVCache:
         """Mark ``steps`` more positions as stored (after every layer has updated)."""
         self.length += steps
 
+    def select_rows(self, rows: Tensor, capacity: int = 0) -> "KVCache":
+        """A new cache holding the batch rows ``rows`` of this one, in that order.
+
+        Rows may repeat (k samples continuing one shared prefill) or be left out
+        (sequences that finished); the new buffers have room for
+        ``max(capacity, self.capacity, self.length)`` positions.
+        """
+        out = KVCache(self.num_layers, capacity=max(capacity, self.capacity, self.length))
+        out.length = self.length
+        for store, new in ((self._keys, out._keys), (self._values, out._values)):
+            for layer, buf in enumerate(store):
+                if buf is not None:
+                    picked = buf.new_empty(rows.numel(), buf.shape[1], out.capacity, buf.shape[3])
+                    picked[:, :, : self.length] = buf[:, :, : self.length].index_select(0, rows)
+                    new[layer] = picked
+        return out
+
 
 # --------------------------------------------------------------------------- attention backends
 def _flash_attn_func():

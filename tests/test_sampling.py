@@ -1,0 +1,155 @@
+"""olmo2.generation.sample, the batched sampling of RL: log-probs against a fresh
+teacher-forced forward, left padding against each prompt alone, k samples from
+one prefill, eos and stop sequences per row, batches dropping finished rows,
+reproducibility and input errors. Tiny fp32 models on CPU (about 2 s)."""
+import pytest
+import torch
+
+from olmo2 import Olmo2Config, Olmo2ForCausalLM, generate
+from olmo2.generation import Samples, sample
+
+VOCAB = 40
+
+
+def tiny_model(seed: int = 0, **overrides) -> Olmo2ForCausalLM:
+    """Random weights wide enough (std 0.2, norms around 1) that the next-token
+    distributions are far from uniform, so wrong positions or caches show."""
+    config = Olmo2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         eos_token_id=None, pad_token_id=None, **overrides)
+    gen = torch.Generator().manual_seed(seed)
+    model = Olmo2ForCausalLM.from_config(config, generator=gen).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def prompts_of(lengths, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def teacher_forced_logprobs(model, prompt, completion):
+    """log p of each completion token from one full forward of prompt + completion, float64 softmax."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return logp[positions, torch.tensor(completion)]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_logprobs_equal_a_fresh_forward(temperature, top_p):
+    """Rows of prompts of 3, 7 and 11 tokens, 3 samples each, rows stopping at
+    different lengths (eos is a common token here): every returned log-prob is
+    the raw policy's (temperature 1, no top-p) at that position, within 1e-5."""
+    model = tiny_model()
+    prompts = prompts_of([3, 7, 11])
+    out = sample(model, prompts, k=3, max_new_tokens=14, temperature=temperature, top_p=top_p,
+                 eos_token_id=[5, 6, 7], generator=torch.Generator().manual_seed(0))
+    assert out.prompt_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert set(out.stop_reason) == {"eos", "length"}  # some rows finished early, others ran out
+    assert len({len(t) for t in out.tokens}) > 2
+    for row, (p, toks, lps, why) in enumerate(zip(out.prompt_index, out.tokens, out.logprobs, out.stop_reason)):
+        assert len(toks) == len(lps) >= 1
+        assert (why == "eos") == (toks[-1] in (5, 6, 7)) and not set(toks[:-1]) & {5, 6, 7}
+        assert why != "length" or len(toks) == 14
+        expected = teacher_forced_logprobs(model, prompts[p], toks)
+        torch.testing.assert_close(torch.tensor(lps, dtype=torch.float64), expected, rtol=0, atol=1e-5,
+                                   msg=lambda m: f"row {row}: {m}")
+
+
+def test_left_padded_greedy_equals_each_prompt_alone():
+    model = tiny_model()
+    prompts = prompts_of([2, 9, 5, 1])
+    batched = sample(model, prompts, max_new_tokens=10, temperature=0.0, eos_token_id=[])
+    for p, toks in zip(prompts, batched.tokens):
+        alone = sample(model, [p], max_new_tokens=10, temperature=0.0, eos_token_id=[])
+        assert toks == alone.tokens[0]
+        assert toks == generate(model, torch.tensor([p]), 10, eos_token_id=[])[0, len(p):].tolist()
+    assert batched.stop_reason == ["length"] * 4
+
+
+def test_k_rows_share_the_prefill():
+    """Greedy: the k rows of a prompt are identical; sampled: they differ, and
+    each row's log-probs still match (checked above); batch_size splits rows
+    without changing greedy results, also in the middle of a prompt's k rows."""
+    model = tiny_model()
+    prompts = prompts_of([4, 6])
+    greedy = sample(model, prompts, k=3, max_new_tokens=8, temperature=0.0, eos_token_id=[])
+    assert greedy.tokens[0] == greedy.tokens[1] == greedy.tokens[2] != greedy.tokens[3]
+    assert greedy.tokens[3] == greedy.tokens[4] == greedy.tokens[5]
+    for bs in (1, 2, 4):
+        split = sample(model, prompts, k=3, max_new_tokens=8, temperature=0.0, eos_token_id=[], batch_size=bs)
+        assert split.tokens == greedy.tokens and split.prompt_index == greedy.prompt_index
+        # other batch shapes (padding or none) round differently, by float32 ulps
+        torch.testing.assert_close(torch.tensor(split.logprobs), torch.tensor(greedy.logprobs), rtol=0, atol=1e-5)
+    drawn = sample(model, prompts, k=3, max_new_tokens=8, eos_token_id=[], generator=torch.Generator().manual_seed(3))
+    assert len({tuple(t) for t in drawn.tokens[:3]}) > 1
+
+
+def test_reproducible_with_a_seed():
+    model = tiny_model()
+    prompts = prompts_of([3, 8])
+
+    def draw(seed):
+        return sample(model, prompts, k=4, max_new_tokens=12, top_p=0.95, eos_token_id=[3],
+                      stop_sequences=[[1, 2]], generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = draw(7), draw(7), draw(8)
+    assert isinstance(a, Samples) and len(a) == 8
+    assert a == b
+    assert a.tokens != c.tokens
+
+
+def test_eos_and_stop_sequences_end_their_row_only():
+    """Stops taken from a free greedy run: the row that meets one ends right after
+    it (the stop ids kept), the others go on unchanged after the batch drops it."""
+    model = tiny_model()
+    prompts = prompts_of([5, 3, 6, 4])
+    free = sample(model, prompts, max_new_tokens=12, temperature=0.0, eos_token_id=[]).tokens
+    stop = free[1][4:6]  # row 1's fifth and sixth tokens
+    eos = free[2][2]
+    out = sample(model, prompts, max_new_tokens=12, temperature=0.0, eos_token_id=eos, stop_sequences=[stop])
+    for row, toks in enumerate(out.tokens):
+        ends = [i + 1 for i in range(len(free[row])) if free[row][i] == eos]
+        ends += [i + 1 for i in range(1, len(free[row])) if free[row][i - 1 : i + 1] == stop]
+        n = min(ends, default=12)
+        assert toks == free[row][:n], row
+        reason = "length" if not ends else ("eos" if free[row][n - 1] == eos else "stop")
+        assert out.stop_reason[row] == reason, row
+    assert out.stop_reason[1] in ("stop", "eos") and out.stop_reason[2] == "eos" and len(out.tokens[2]) <= 3
+    assert out.tokens[1][-2:] == stop or out.stop_reason[1] == "eos"
+
+
+def test_max_new_tokens_zero_and_one():
+    model = tiny_model()
+    out = sample(model, prompts_of([2, 4]), k=2, max_new_tokens=0)
+    assert out.tokens == [[]] * 4 and out.logprobs == [[]] * 4 and out.stop_reason == ["length"] * 4
+    out = sample(model, prompts_of([2, 4]), k=2, max_new_tokens=1, generator=torch.Generator().manual_seed(0))
+    assert all(len(t) == 1 for t in out.tokens)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts=[[1, 2], []]), r"prompts\[1\] is empty"),
+    (dict(prompts=[[1, VOCAB]]), r"prompts\[0\]\[1\] = 40 is not a token id in \[0, vocab_size=40\)"),
+    (dict(prompts="hello"), "prompts must be a list of token-id lists"),
+    (dict(k=0), "k must be an int >= 1, got 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
+    (dict(temperature=-0.5), "temperature must be a number >= 0"),
+    (dict(temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(batch_size=0), "batch_size must be an int >= 1"),
+    (dict(stop_sequences=[[]]), r"stop_sequences\[0\] is empty"),
+])
+def test_bad_arguments(kwargs, message):
+    model = tiny_model()
+    args = dict(prompts=[[1, 2]], max_new_tokens=3) | kwargs
+    with pytest.raises((ValueError, TypeError), match=message):
+        sample(model, args.pop("prompts"), **args)
