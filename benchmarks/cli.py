@@ -5,6 +5,7 @@ torch.compile and Liger-Kernel.
                           [--dtype bf16] [--presets 1b,7b] [--out bench_out] [--name kernels]
     olmo2-bench model [--preset 1b] [--seq-len 4096] [--batch-size 4] [--impls kernels,eager,compile,transformers]
     olmo2-bench dpo [--preset 1b] [--pairs 4] [--seq-len 2048] [--impls fused,materialized]
+    olmo2-bench generate [--preset 1b] [--batch-sizes 1,8,32] [--k 4] [--prompt-len 64] [--new-tokens 64]
     olmo2-bench report FILE.json [FILE.json ...] [--out DIR]     # print tables and redraw plots
 
 ``kernels`` is the default subcommand. Results go to ``--out`` (default
@@ -23,12 +24,13 @@ import torch
 from . import harness, kernels, plots, report
 from .impls import IMPLS
 from .dpo_step import IMPL_NAMES as DPO_IMPLS, format_dpo_table, run_dpo_benchmark
+from .generate import IMPL_NAMES as GENERATE_IMPLS, format_generate_table, run_generate_benchmark
 from .model import ATTN_CHOICES, IMPL_NAMES, run_model_benchmark
 from .specs import CPU_PRESET, GPU_PRESETS, OPS, canonical_preset, plan
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
-SUBCOMMANDS = ("kernels", "model", "dpo", "report")
+SUBCOMMANDS = ("kernels", "model", "dpo", "generate", "report")
 
 
 def _csv(value: str) -> list[str]:
@@ -117,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vocabulary instead of the preset's (e.g. 100352, dolma2's, on the tiny layout)")
     d.add_argument("--impls", type=_choices("--impls", DPO_IMPLS), default=list(DPO_IMPLS))
     d.add_argument("--name", default="dpo")
+
+    g = sub.add_parser("generate", help="RL-style sampling (k completions per prompt, KV cache): tokens/s of "
+                                        "olmo2.generation.sample against generate()")
+    _add_common(g)
+    g.add_argument("--preset", default=None, help="model preset (default: 1b on GPU, tiny on CPU)")
+    g.add_argument("--batch-sizes", type=lambda v: [int(x) for x in _csv(v)], default=None,
+                   help="rows (prompts x k) per call, comma-separated (default: 1,8,32 on CPU, 1,8,32,128 on GPU)")
+    g.add_argument("--k", type=int, default=4, help="samples per prompt (fewer when a batch is smaller; default 4)")
+    g.add_argument("--prompt-len", type=int, default=None,
+                   help="longest prompt; lengths are uniform in [half, all] (default: 64 on CPU, 512 on GPU)")
+    g.add_argument("--new-tokens", type=int, default=None, help="tokens per row (default: 64 on CPU, 512 on GPU)")
+    g.add_argument("--steps", type=int, default=None, help="timed calls per case (default: 5, 3 --quick)")
+    g.add_argument("--impls", type=_choices("--impls", GENERATE_IMPLS), default=list(GENERATE_IMPLS))
+    g.add_argument("--name", default="generate")
 
     r = sub.add_parser("report", help="print the tables of result files and redraw their plots")
     r.add_argument("files", nargs="+", type=Path)
@@ -238,6 +254,27 @@ def cmd_dpo(args) -> int:
     return 1 if any(r["status"] == "error" for r in doc["rows"]) else 0
 
 
+def cmd_generate(args) -> int:
+    device = _device(args.device)
+    _apply_threads(args)
+    for name in ("k", "prompt_len", "new_tokens", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"olmo2-bench generate: --{name.replace('_', '-')} must be a positive int, got {value}")
+    if args.batch_sizes is not None and (not args.batch_sizes or min(args.batch_sizes) < 1):
+        raise SystemExit(f"olmo2-bench generate: --batch-sizes must be positive ints, got {args.batch_sizes}")
+    try:
+        doc = run_generate_benchmark(args, device, _dtype(args, device))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    path = args.out / f"{args.name}.json"
+    report.write_json(path, doc)
+    print()
+    print(format_generate_table(doc))
+    print(f"\n[bench] wrote {path}")
+    return 1 if any(r["status"] == "error" for r in doc["rows"]) else 0
+
+
 def _report_error(what: str, file) -> int:
     """A file ``report`` cannot read: one line, ``olmo2-bench report: <what> (<path>)``, exit 2."""
     print(f"olmo2-bench report: {what} ({file})", file=sys.stderr, flush=True)
@@ -248,7 +285,7 @@ def cmd_report(args) -> int:
     for file in args.files:
         try:
             doc = report.read_json(file)
-            formats = {"kernels": report.format_kernel_table, "dpo": format_dpo_table}
+            formats = {"kernels": report.format_kernel_table, "dpo": format_dpo_table, "generate": format_generate_table}
             table = formats.get(doc["kind"], report.format_model_table)(doc)
         except FileNotFoundError:
             return _report_error("no such file", file)
@@ -262,7 +299,7 @@ def cmd_report(args) -> int:
         print(f"== {file}")
         print(table)
         print()
-        if doc["kind"] != "dpo":  # a two-row table; no plot
+        if doc["kind"] not in ("dpo", "generate"):  # tables only; no plot
             _plots(doc, args.out or Path(file).parent, not args.no_plots, Path(file).stem)
     return 0
 
@@ -272,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "kernels")
     args = build_parser().parse_args(argv)
-    handler = {"kernels": cmd_kernels, "model": cmd_model, "dpo": cmd_dpo, "report": cmd_report}[args.command]
+    handler = {"kernels": cmd_kernels, "model": cmd_model, "dpo": cmd_dpo, "generate": cmd_generate,
+               "report": cmd_report}[args.command]
     return handler(args)
 
 

@@ -153,3 +153,35 @@ def test_bad_arguments(kwargs, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=3) | kwargs
     with pytest.raises((ValueError, TypeError), match=message):
         sample(model, args.pop("prompts"), **args)
+
+
+# --------------------------------------------------------------------------- olmo2-bench generate
+def test_bench_generate_quick_cpu_run(tmp_path, capsys):
+    """olmo2-bench generate at a tiny size: both implementations, every row's tokens counted, the harness's
+    quantiles, the table printed again by ``report``; a batch that is no multiple of k is a one-line error."""
+    import json
+
+    from benchmarks import cli
+
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(["generate", "--quick", "--threads", "1", "--out", str(tmp_path), "--no-plots",
+                         "--batch-sizes", "1,4", "--k", "2", "--prompt-len", "6", "--new-tokens", "4", "--steps", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    doc = json.loads((tmp_path / "generate.json").read_text())
+    assert doc["kind"] == "generate" and doc["env"]["device_type"] == "cpu"
+    rows = {(r["impl"], r["batch"]): r for r in doc["rows"]}
+    assert set(rows) == {("sample", 1), ("generate", 1), ("sample", 4), ("generate", 4)}
+    for (impl, batch), r in rows.items():
+        assert r["status"] == "ok", r
+        assert (r["prompts"], r["k"]) == ((1, 1) if batch == 1 else (2, 2))
+        t = r["call"]
+        assert t["repeats"] == 2 and t["q20_ms"] <= t["median_ms"] <= t["q80_ms"]
+        assert r["tokens_per_s"] == pytest.approx(batch * 4 / (t["median_ms"] * 1e-3))
+    assert "4 (2 x 2)" in capsys.readouterr().out
+    assert cli.main(["report", str(tmp_path / "generate.json"), "--no-plots"]) == 0
+    assert "decode tokens/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="batch size 3 is not a multiple of --k 2"):
+        cli.main(["generate", "--quick", "--out", str(tmp_path), "--batch-sizes", "3", "--k", "2"])
