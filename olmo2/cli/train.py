@@ -27,7 +27,8 @@ from ..train.trainer import Trainer
 from . import errors
 
 PROG = "olmo2-train"
-USAGE = "olmo2-train [--config FILE] [--key=value ...] [--dry-run] [--debug] [-h]"
+USAGE = ("olmo2-train [--config FILE] [--key=value ...] [--dry-run] [--debug] [-h]\n"
+         "       olmo2-train [--config FILE] [--key=value ...] --plan [--nodes N] [--gpus-per-node G] [--gpu KIND]")
 DESCRIPTION = (
     "Train OLMo 2. The config is the dataclass defaults (the tiny demo run), then the preset "
     f"(--preset=NAME: {', '.join(PRESETS)}), then the YAML file (--config), then --key=value overrides "
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                    help="check the config, device and kernel backend, print the resolved config, then exit")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also OLMO2_DEBUG=1)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-GPU memory and the expected speed of the run (olmo2.train.planner), then exit")
+    p.add_argument("--nodes", type=int, default=1, metavar="N", help="with --plan: nodes of the job (default 1)")
+    p.add_argument("--gpus-per-node", "--gpus_per_node", dest="gpus_per_node", type=int, default=None, metavar="G",
+                   help="with --plan: GPUs (ranks) per node (default 8; 1 with --gpu=cpu)")
+    p.add_argument("--gpu", default="h100", metavar="KIND", help="with --plan: h100, h200, a100 or cpu (default h100)")
+    p.add_argument("--mfu", type=float, default=None, metavar="F",
+                   help="with --plan: the model FLOP utilization assumed for the speed (default 0.40)")
     p.add_argument("-h", "--help", action="store_true", help="show this listing and exit")
     return p
 
@@ -106,7 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     return errors.run(PROG, lambda: _train(argv), argv, errors.expected_errors())
 
 
+def _plan(argv: list[str]) -> int:
+    """``--plan``: the planner's table for the config on ``--nodes`` x ``--gpus-per-node`` ``--gpu``."""
+    from ..train.planner import DEFAULT_MFU, plan_text
+
+    args, overrides = _parser().parse_known_args(argv)
+    cfg = resolve(args.config, overrides)
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else (1 if args.gpu == "cpu" else 8)
+    print(plan_text(cfg, nodes=args.nodes, gpus_per_node=gpus, gpu=args.gpu,
+                    mfu=DEFAULT_MFU if args.mfu is None else args.mfu))
+    return 0
+
+
 def _train(argv: list[str]) -> int:
+    if _parser().parse_known_args(argv)[0].plan:
+        return _plan(argv)
     cfg, dry_run = parse_args(argv)
     check_runtime(cfg)
     if dry_run:

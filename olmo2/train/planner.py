@@ -389,45 +389,49 @@ def format_plan(cfg: TrainConfig, plan: MemoryPlan, speed: SpeedPlan | None, nod
     layout = f"{plan.strategy}" + (f", shard over {plan.shard_degree}" if plan.strategy == "fsdp" else "")
     if plan.strategy == "fsdp" and plan.shard_degree < plan.world_size:
         layout += f" x replicate {plan.world_size // plan.shard_degree} (HSDP)"
+    master = "fp32, shard" if plan.strategy == "fsdp" else "fp32"
+    size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    def row(label: str, value: int, note: str = "") -> str:
+        return f"  {label:<46}{_size(value, unit)}{note}"
+
+    used, unused = "   <- used", ""
     lines = [
-        f"plan: {cfg.run_name}: {n / 1e9:.2f}B parameters on {nodes} node(s) x {gpus_per_node} {GPUS[plan.gpu].name}"
+        f"plan: {cfg.run_name}: {size} parameters on {nodes} node(s) x {gpus_per_node} {GPUS[plan.gpu].name}"
         f" = {plan.world_size} rank(s); {layout}; {plan.precision}",
         f"  micro-batch {plan.micro_batch_tokens:,} tokens ({plan.micro_batch_tokens // cfg.data.seq_len} x "
         f"{cfg.data.seq_len}), {plan.grad_accum} micro-batch(es) per step, global batch "
         f"{cfg.global_batch_tokens:,} tokens; activation checkpointing {ac}",
-        "memory per GPU (rank 0):",
-        f"  parameters (fp32 master shard)          {_size(plan.parameters, unit)}",
-        f"  gradients (fp32 shard)                  {_size(plan.gradients, unit)}",
-        f"  optimizer (AdamW exp_avg, exp_avg_sq)   {_size(plan.optimizer, unit)}",
-        f"  activations, no checkpointing           {_size(plan.activations, unit)}" + ("" if plan.activation_checkpointing
-                                                                                  else "   <- used"),
-        f"  activations, checkpointing each block   {_size(plan.activations_checkpointed, unit)}" + (
-            "   <- used" if plan.activation_checkpointing else ""),
-        f"  LM-head loss buffer (fused linear CE)   {_size(plan.loss_buffer, unit)}",
-        f"  communication (FSDP2 gathers, buckets)  {_size(plan.communication, unit)}",
+        f"memory per {'GPU' if plan.gpu_memory is not None else 'rank'} (rank 0):",
+        row(f"parameters ({master})", plan.parameters),
+        row(f"gradients ({master})", plan.gradients),
+        row("optimizer (AdamW exp_avg, exp_avg_sq)", plan.optimizer),
+        row("activations, no checkpointing", plan.activations, unused if plan.activation_checkpointing else used),
+        row("activations, checkpointing each block", plan.activations_checkpointed,
+            used if plan.activation_checkpointing else unused),
+        row("LM-head loss buffer (fused linear CE)", plan.loss_buffer),
+        row("communication (gathered params, grad buffers)", plan.communication),
     ]
     if plan.optimizer_temporaries:
-        lines.append(f"  optimizer-step temporaries              {_size(plan.optimizer_temporaries, unit)}")
+        lines.append(row("optimizer-step temporaries", plan.optimizer_temporaries))
+    lines.append("  not all at once; beyond parameters and optimizer, at the step's largest moments:")
     for name, value in plan.moments.items():
-        mark = "   <- peak" if name == plan.peak_moment else ""
-        lines.append(f"  moment: {name:<31}{_size(value, unit)}{mark}")
-    lines.append(f"  peak tensors (params + optimizer + peak moment)    {_size(plan.tensors, unit)}")
+        lines.append(row(f"  {name}", value, "   <- peak" if name == plan.peak_moment else ""))
+    lines.append(row("peak tensors", plan.tensors))
     if plan.allowance:
-        lines.append(f"  allowance (1 GiB context/NCCL + {FRAGMENTATION:.0%} fragmentation) "
-                     f"{plan.allowance / GIB:.2f} GiB")
+        lines.append(row(f"allowance (context/NCCL 1 GiB + {FRAGMENTATION:.0%})", plan.allowance))
     if plan.gpu_memory is None:
-        lines.append(f"  total                                   {_size(plan.total, unit)}")
+        lines.append(row("total", plan.total))
     else:
         verdict = "FITS" if plan.fits else "DOES NOT FIT"
-        lines.append(f"  total                                   {_size(plan.total, unit)}  of {plan.gpu_memory / GIB:.1f} "
-                     f"GiB: {verdict} ({plan.total / plan.gpu_memory:.0%})")
+        lines.append(row("total", plan.total, f"  of {plan.gpu_memory / GIB:.1f} GiB: {verdict} "
+                                               f"({plan.total / plan.gpu_memory:.0%})"))
     if speed is not None:
-        days = None
         tokens = cfg.stop_step * cfg.global_batch_tokens
         days = tokens / speed.tokens_per_second / 86400
         lines += [
-            f"speed at {speed.mfu:.0%} MFU (assumed; {speed.peak_flops / 1e12:.1f} TFLOP/s dense bf16 peak, "
-            f"{speed.flops_per_token / 1e9:.2f} GFLOP per token: {FLOPS_CONVENTION}):",
+            f"speed at {speed.mfu:.0%} MFU (assumed), {speed.peak_flops / 1e12:.1f} TFLOP/s dense bf16 peak, "
+            f"{speed.flops_per_token / 1e9:.2f} GFLOP per token ({FLOPS_CONVENTION}):",
             f"  {speed.tokens_per_second_per_gpu:,.0f} tokens/s per GPU, {speed.tokens_per_second:,.0f} tokens/s "
             f"for the job, {speed.step_seconds:.2f} s per step; {cfg.stop_step:,} steps ({tokens / 1e12:.2f}T "
             f"tokens) in {days:.1f} days",
