@@ -23,15 +23,16 @@ What this module owns: :class:`DPOConfig` and presets, :func:`sequence_logps`
 * The loss of a step is the mean over its pairs, whatever the micro-batch split.
 
 * **Resume** as for SFT (:class:`olmo2.sft.PostTrainCheckpointer`); ``trainer.json`` also
-  names the reference log-probs file, which a resumed run reads instead of
-  recomputing (the checkpoint's policy is no longer the reference).
-
-Not yet: FSDP/DDP.
+  names the reference log-probs file and its sha256, which a resumed run reads
+  instead of recomputing (the checkpoint's policy is no longer the reference); a
+  resume with another reference file (or other data) is refused, naming both.
+* **Data parallel** as for SFT (``torchrun --nproc_per_node=N -m olmo2.cli.dpo ...``):
+  each rank runs a disjoint share of a step's micro-batches and the loss is the
+  mean over the step's pairs of all ranks; the reference pass is sharded the same
+  way, gathered, written once by rank 0 and read back by every rank.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -39,11 +40,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from .chat import CHAT_TEMPLATE, IGNORE_INDEX, read_preference_jsonl
+from .chat import IGNORE_INDEX, read_preference_jsonl
 from .model import Olmo2ForCausalLM
-from .sft import PostTrainCheckpointer, Row, checkpoint_dir, collate, data_order, load_model_and_tokenizer
+from .sft import (
+    Parallel,
+    PostTrainCheckpointer,
+    Row,
+    build_optimizer,
+    check_common,
+    checkpoint_dir,
+    collate,
+    data_order,
+    export_model,
+    load_tokenizer_for,
+    pad_id_for,
+    rank_share,
+    setup_model,
+)
+from .train.parallel import DistInfo, all_reduce_sum, no_grad_sync
 
 LOSS_TYPES = ("dpo_norm", "dpo", "simpo")
 
@@ -66,8 +82,10 @@ class DPOConfig:
     epochs: int = 1
     max_steps: int = 0
     seed: int = 123
+    adam_eps: float = 1e-8
     dtype: str = "float32"
-    device: str = ""
+    device: str = ""  # cpu, cuda; empty: cuda when available (one GPU per local rank under torchrun)
+    strategy: str = "auto"  # fsdp, ddp, none; auto: fsdp with several ranks
     ref_cache: str = ""  # file for the reference log-probs; empty: output/reference_logps.pt
     save_interval: int = 100  # steps between checkpoints (and one at the end); 0: only at the end
     keep_last: int = 2  # checkpoints kept (0: all)
@@ -75,16 +93,11 @@ class DPOConfig:
     hard_stop: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0: off
 
     def __post_init__(self) -> None:
-        for name in ("save_interval", "keep_last", "hard_stop"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        check_common(self, "DPOConfig")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"DPOConfig.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        for name in ("max_length", "micro_batch_size", "grad_accum", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.beta <= 0 or self.lr <= 0:
-            raise ValueError(f"DPOConfig: beta and lr must be > 0, got beta={self.beta}, lr={self.lr}")
+        if self.beta <= 0:
+            raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
 
 
 # Tülu 3 DPO (arXiv:2411.15124, DPO hyperparameter table): length-normalized
@@ -140,102 +153,146 @@ def dpo_loss(
 
 
 @torch.no_grad()
-def reference_logps(model: Olmo2ForCausalLM, pairs: list[dict], pad_id: int, batch_size: int, device) -> Tensor:
-    """(N, 2) reference log-prob sums [chosen, rejected] of every pair, in one no-grad pass."""
+def reference_logps(model: nn.Module, pairs: list[dict], pad_id: int, batch_size: int, device,
+                    dist_info: DistInfo | None = None) -> Tensor:
+    """(N, 2) reference log-prob sums [chosen, rejected] of every pair, in one no-grad
+    pass; under ``torchrun`` each rank computes its :func:`olmo2.sft.rank_share` of the
+    batches and every rank gets all of them back."""
     was_training = model.training
     model.eval()
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i : i + batch_size]
-        b = {k: v.to(device) for k, v in pair_batch(chunk, pad_id).items()}
-        logps, _ = sequence_logps(model, b)
-        out.append(torch.stack([logps[: len(chunk)], logps[len(chunk) :]], 1).float().cpu())
+    batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
+    mine = {}
+    for sub in rank_share(list(range(len(batches))), dist_info):
+        b = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in batches[sub or 0]], pad_id).items()}
+        logps, _ = sequence_logps(model, b)  # a rank without a batch left runs batch 0 and drops it
+        if sub is not None:
+            n = len(batches[sub])
+            mine[sub] = torch.stack([logps[:n], logps[n:]], 1).float().cpu()
     model.train(was_training)
-    return torch.cat(out)
+    if dist_info is not None and dist_info.distributed:
+        gathered: list = [None] * dist_info.world_size
+        torch.distributed.all_gather_object(gathered, mine)
+        mine = {k: v for part in gathered for k, v in part.items()}
+    return torch.cat([mine[i] for i in range(len(batches))])
 
 
 def _log(text: str) -> None:
     print(f"olmo2-dpo: {text}", file=sys.stderr, flush=True)
 
 
-def train_dpo(cfg: DPOConfig, log=_log) -> dict:
-    """Run DPO as ``cfg`` says; write the HF folder ``cfg.output``. Returns per-step metrics."""
-    from .checkpoint_hf import save_pretrained
-    from .dtypes import DTYPES
+def load_reference(cache: Path, n_pairs: int) -> tuple[Tensor, str]:
+    """The cached reference log-probs and the file's sha256."""
+    from .files import file_digest
+
+    ref = torch.load(cache, weights_only=True)["logps"]
+    if ref.shape != (n_pairs, 2):
+        raise ValueError(f"ref_cache {cache}: holds {tuple(ref.shape)} log-probs, the data has {n_pairs} pairs")
+    return ref, file_digest(cache)
+
+
+def prepare_reference(cfg: DPOConfig, par: Parallel, pairs: list[dict], pad_id: int, log) -> tuple[Tensor | None, dict]:
+    """The reference log-probs: read from ``ref_cache`` when the run resumes (the
+    checkpoint's policy is no longer the reference), else computed (sharded across
+    ranks), written once by rank 0 atomically and read back by every rank. Returns
+    them and what the checkpoints record of them."""
     from .files import atomic_write
-    from .sft import linear_schedule
-    from .tokenizers import save_tokenizer
     from .train.checkpoint import list_checkpoints
 
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.loss_type == "simpo":
+        return None, {"ref_cache": None}
+    cache = Path(cfg.ref_cache) if cfg.ref_cache else Path(cfg.output) / "reference_logps.pt"
+    if list_checkpoints(checkpoint_dir(cfg)):
+        if not cache.is_file():
+            raise FileNotFoundError(f"ref_cache {cache}: missing, and the checkpoints in {checkpoint_dir(cfg)} hold "
+                                    "a trained policy, not the reference; restore the file or start afresh")
+        ref, digest = load_reference(cache, len(pairs))
+        log(f"reference log-probs of {len(pairs)} pairs read from {cache}")
+    else:
+        ref = reference_logps(par.model, pairs, pad_id, cfg.micro_batch_size, par.device, par.dist)
+        if par.dist.is_main:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(cache, "wb", encoding=None) as f:
+                torch.save({"data": str(cfg.data), "model": str(cfg.model), "logps": ref}, f)
+        par.barrier()
+        ref, digest = load_reference(cache, len(pairs))
+        log(f"reference log-probs of {len(pairs)} pairs cached in {cache}")
+    return ref, {"ref_cache": str(cache), "ref_cache_sha256": digest}
+
+
+def check_reference(state: dict, recorded: dict, path) -> None:
+    """Refuse to resume with another reference cache than the checkpoint was trained with."""
+    saved = state.get("ref_cache_sha256")
+    if saved is not None and saved != recorded.get("ref_cache_sha256"):
+        raise ValueError(f"ref_cache {recorded['ref_cache']} (sha256 {recorded['ref_cache_sha256'][:16]}) is not "
+                         f"the reference checkpoint {path} was trained with ({state.get('ref_cache')}, sha256 "
+                         f"{saved[:16]}): restore that file or start afresh in another checkpoint_dir")
+
+
+def dpo_step(par: Parallel, pairs: list[dict], idx: list[int], ref: Tensor | None, pad_id: int,
+             cfg: DPOConfig) -> dict[str, float]:
+    """Backward of one optimizer step: the mean loss over the step's pairs ``idx`` (all
+    ranks), this rank running its share of the micro-batches. Returns the step's
+    metrics averaged over its pairs (one all-reduce)."""
+    world = par.dist.world_size
+    micro = [idx[j : j + cfg.micro_batch_size] for j in range(0, len(idx), cfg.micro_batch_size)]
+    share = rank_share(micro, par.dist)
+    keys = ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected")
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=par.device)
+    for i, sub in enumerate(share):
+        weight = 1.0 if sub is not None else 0.0  # no micro-batch left: the first one again, weighted 0
+        sub = sub if sub is not None else micro[0]
+        b = {k: v.to(par.device) for k, v in pair_batch([pairs[j] for j in sub], pad_id).items()}
+        with no_grad_sync(par.model, i == len(share) - 1):
+            logps, counts = sequence_logps(par.model, b)
+            n = len(sub)
+            ref_c = ref_r = None
+            if ref is not None:
+                r = ref[sub].to(device=par.device, dtype=logps.dtype)
+                ref_c, ref_r = r[:, 0], r[:, 1]
+            losses, m = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, counts[:n], counts[n:],
+                                 cfg.beta, cfg.loss_type, cfg.gamma)
+            # DDP and FSDP2 average the gradients over ranks: x world gives the mean over the step's pairs
+            (losses.sum() * (weight * world / len(idx))).backward()
+        if weight:
+            sums += torch.stack([losses.detach().sum()] + [m[k].sum() for k in keys[1:]]).double()
+    sums = all_reduce_sum(sums).cpu()
+    return {k: float(v) / len(idx) for k, v in zip(keys, sums)}
+
+
+def train_dpo(cfg: DPOConfig, log=_log) -> dict:
+    """Run DPO as ``cfg`` says (on every rank of a ``torchrun`` launch); write the HF
+    folder ``cfg.output``. Returns per-step metrics."""
     torch.manual_seed(cfg.seed)
-    model, tokenizer, tokenizer_spec = load_model_and_tokenizer(cfg.model, cfg.tokenizer, DTYPES[cfg.dtype], device)
+    par = setup_model(cfg)
+    log = log if par.dist.is_main else (lambda text: None)
+    tokenizer, tokenizer_spec = load_tokenizer_for(cfg.model, cfg.tokenizer)
     pairs, report = read_preference_jsonl(cfg.data, tokenizer, cfg.max_length)
     log(report.summary())
     if not pairs:
         raise ValueError(f"--data {cfg.data}: no usable records")
-    pad_id = tokenizer.token_to_id("<|pad|>")
-    pad_id = pad_id if pad_id is not None and pad_id < model.config.vocab_size else tokenizer.token_to_id("<|endoftext|>")
-    out = Path(cfg.output)
+    pad_id = pad_id_for(tokenizer, par.base.config.vocab_size)
     per_step = cfg.micro_batch_size * cfg.grad_accum
     total_steps = math.ceil(len(pairs) / per_step) * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    checkpointer = PostTrainCheckpointer(cfg, model, optimizer, scheduler, len(pairs), log)
-
-    ref = None
-    cache = Path(cfg.ref_cache) if cfg.ref_cache else out / "reference_logps.pt"
-    resuming = cfg.loss_type != "simpo" and bool(list_checkpoints(checkpoint_dir(cfg)))
-    if cfg.loss_type != "simpo":
-        if resuming and cache.is_file():
-            # The policy in the checkpoint is no longer the reference: the cached pass is.
-            ref = torch.load(cache, weights_only=True)["logps"]
-            if ref.shape != (len(pairs), 2):
-                raise ValueError(f"ref_cache {cache}: holds {tuple(ref.shape)} log-probs, the data has "
-                                 f"{len(pairs)} pairs")
-            log(f"reference log-probs of {len(pairs)} pairs read from {cache}")
-        elif resuming:
-            raise FileNotFoundError(f"ref_cache {cache}: missing, and the checkpoints in {checkpoint_dir(cfg)} hold "
-                                    "a trained policy, not the reference; restore the file or start afresh")
-        else:
-            ref = reference_logps(model, pairs, pad_id, cfg.micro_batch_size, device)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(cache, "wb", encoding=None) as f:
-                torch.save({"data": str(cfg.data), "model": str(cfg.model), "logps": ref}, f)
-            log(f"reference log-probs of {len(pairs)} pairs cached in {cache}")
-    extra = {"ref_cache": str(cache) if ref is not None else None}
+    optimizer, scheduler = build_optimizer(cfg, par, total_steps)
+    checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(pairs), log)
+    ref, extra = prepare_reference(cfg, par, pairs, pad_id, log)
 
     state = checkpointer.resume()
+    if state is not None:
+        check_reference(state, extra, checkpointer.resumed_from)
     step, first_epoch, position = (state["step"], state["epoch"], state["position"]) if state else (0, 0, 0)
     stop = min(total_steps, cfg.hard_stop) if cfg.hard_stop else total_steps
     saved_step = step if state else -1
     history: list[dict] = []
-    model.train()
+    par.model.train()
     for epoch in range(first_epoch, cfg.epochs):
         order = data_order(len(pairs), cfg.seed, epoch)
         for start in range(position if epoch == first_epoch else 0, len(order), per_step):
             if step >= stop:
                 break
-            idx = order[start : start + per_step]
-            sums = {k: 0.0 for k in ("loss", "margin", "accuracy", "logp_chosen", "logp_rejected")}
-            for j in range(0, len(idx), cfg.micro_batch_size):
-                sub = idx[j : j + cfg.micro_batch_size]
-                b = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in sub], pad_id).items()}
-                logps, counts = sequence_logps(model, b)
-                n = len(sub)
-                ref_c = ref_r = None
-                if ref is not None:
-                    r = ref[sub].to(device=device, dtype=logps.dtype)
-                    ref_c, ref_r = r[:, 0], r[:, 1]
-                losses, m = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, counts[:n], counts[n:],
-                                     cfg.beta, cfg.loss_type, cfg.gamma)
-                (losses.sum() / len(idx)).backward()
-                sums["loss"] += float(losses.detach().sum())
-                for k in ("margin", "accuracy", "logp_chosen", "logp_rejected"):
-                    sums[k] += float(m[k].sum())
-            row = {k: v / len(idx) for k, v in sums.items()}
+            row = dpo_step(par, pairs, order[start : start + per_step], ref, pad_id, cfg)
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"olmo2-dpo: non-finite loss {row['loss']} at step {step}")
             optimizer.step()
@@ -255,9 +312,7 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     if step < total_steps:
         log(f"hard_stop: stopped after step {step} of {total_steps}; rerun without hard_stop to continue")
         return {"history": history, "steps": step, "bad_records": len(report.bad)}
-    model.eval()
-    save_pretrained(model, out, chat_template=CHAT_TEMPLATE)
-    save_tokenizer(tokenizer_spec, out)
-    (out / "dpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    log(f"wrote {out}")
+    par.model.eval()
+    export_model(par, Path(cfg.output), tokenizer_spec, cfg, "dpo_config.json")
+    log(f"wrote {cfg.output}")
     return {"history": history, "steps": step, "bad_records": len(report.bad)}

@@ -21,10 +21,22 @@ with ``tokenizer.json`` and the chat template (:data:`olmo2.chat.CHAT_TEMPLATE`)
 * **Schedule**: linear warmup over ``warmup_ratio`` of the steps, then linear decay to 0.
 
 Why not a stage of :mod:`olmo2.train`: the pretraining trainer is built around a
-token stream (memmapped corpus, fixed-length windows, FSDP2/DDP, resumable data
-position). SFT needs variable-length conversations, masks and per-document
-positions; this first version is a small single-process loop over the same model,
-kernels and HF checkpoints. Not yet here: FSDP2/DDP, in-loop evaluation.
+token stream (memmapped corpus, fixed-length windows). SFT needs variable-length
+conversations, masks and per-document positions; it is a small loop over the same
+model, kernels, parallelism (:mod:`olmo2.train.parallel`) and checkpoints
+(:mod:`olmo2.train.checkpoint`). Not yet here: in-loop evaluation.
+
+* **Data parallel** (``torchrun --nproc_per_node=N -m olmo2.cli.sft ...``; ``strategy``
+  fsdp, ddp or none): every rank reads the whole data and builds the same step, then
+  takes a disjoint share of the step's micro-batches (:func:`rank_share`; a rank left
+  without one runs a copy whose targets are all ignored, so FSDP's collectives stay
+  in step). The step's target count is counted from all of the step's rows, which
+  every rank holds, so it is the global count with no collective; each rank's
+  summed loss is divided by it and multiplied by the world size (DDP and FSDP2
+  average gradients over ranks): the gradient does not depend on the number of
+  ranks nor on the split. Under FSDP2 the weights are loaded on rank 0 and
+  broadcast into the shards; the final HF folder is written by rank 0 from a
+  gathered full state dict.
 
 * **Resume**: every ``save_interval`` steps and at the end, a verified checkpoint in
   the pretraining trainer's format (:class:`PostTrainCheckpointer`: model, optimizer,
@@ -42,10 +54,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .chat import CHAT_TEMPLATE, IGNORE_INDEX, read_chat_jsonl
 from .model import Olmo2ForCausalLM, document_mask
+from .train.parallel import DistInfo, all_reduce_sum, no_grad_sync
+
+STRATEGIES = ("auto", "fsdp", "ddp", "none")
 
 
 @dataclass
@@ -64,24 +79,35 @@ class SFTConfig:
     epochs: int = 2
     max_steps: int = 0  # 0: epochs decide
     seed: int = 123
+    adam_eps: float = 1e-8
     dtype: str = "float32"
-    device: str = ""
+    device: str = ""  # cpu, cuda; empty: cuda when available (one GPU per local rank under torchrun)
+    strategy: str = "auto"  # fsdp, ddp, none; auto: fsdp with several ranks
     save_interval: int = 100  # steps between checkpoints (and one at the end); 0: only at the end
     keep_last: int = 2  # checkpoints kept (0: all)
     checkpoint_dir: str = ""  # empty: output/checkpoints; a rerun of the same command resumes from it
     hard_stop: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0: off
 
     def __post_init__(self) -> None:
-        for name in ("save_interval", "keep_last", "hard_stop"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_length", "micro_batch_size", "grad_accum", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"SFTConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr <= 0:
-            raise ValueError(f"SFTConfig.lr must be > 0, got {self.lr}")
+        check_common(self, "SFTConfig")
+
+
+def check_common(cfg, name: str) -> None:
+    """The checks SFTConfig and DPOConfig share (one line naming the key)."""
+    for key in ("save_interval", "keep_last", "hard_stop", "max_steps"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{name}.{key} must be >= 0, got {getattr(cfg, key)}")
+    for key in ("max_length", "micro_batch_size", "grad_accum", "epochs"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{name}.{key} must be >= 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"{name}.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.lr <= 0 or cfg.adam_eps <= 0:
+        raise ValueError(f"{name}: lr and adam_eps must be > 0, got lr={cfg.lr}, adam_eps={cfg.adam_eps}")
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"{name}.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+    if cfg.device not in ("", "auto", "cpu", "cuda"):
+        raise ValueError(f"{name}.device must be cpu, cuda or empty (cuda when available), got {cfg.device!r}")
 
 
 # Tülu 3 SFT hyperparameters for OLMo 2 Instruct, from the OLMo 2 report
@@ -148,19 +174,36 @@ def num_targets(batch: dict[str, Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def step_loss(model: Olmo2ForCausalLM, micro_batches: list[dict[str, Tensor]], device) -> tuple[float, int]:
+def rank_share(items: list, dist_info: DistInfo | None) -> list:
+    """This rank's share of one step's micro-batches: items ``rank, rank + world, ...``,
+    padded with ``None`` to as many as the rank with the most has (every rank runs the
+    same number of forwards and backwards, which FSDP's collectives need)."""
+    world, rank = (dist_info.world_size, dist_info.rank) if dist_info is not None else (1, 0)
+    mine = items[rank::world]
+    return mine + [None] * (math.ceil(len(items) / world) - len(mine))
+
+
+def step_loss(model: nn.Module, micro_batches: list[dict[str, Tensor]], device,
+              dist_info: DistInfo | None = None) -> tuple[float, int]:
     """Backward of one optimizer step's loss: summed token losses over all
-    micro-batches / the step's target count (fixed before the first forward).
-    Returns the loss value and the count."""
+    micro-batches (of all ranks) / the step's target count (fixed before the first
+    forward). ``micro_batches`` is the whole step, on every rank; this rank runs its
+    :func:`rank_share`. Returns the step's loss (summed over ranks) and the count."""
     total = sum(num_targets(b) for b in micro_batches)
-    loss_sum = 0.0
-    for b in micro_batches:
+    world = dist_info.world_size if dist_info is not None else 1
+    scale = world / max(total, 1)  # DDP and FSDP2 average the gradients over ranks
+    share = rank_share(micro_batches, dist_info)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, b in enumerate(share):
+        if b is None:  # no micro-batch left for this rank: a copy with no targets (zero loss and gradients)
+            b = {**micro_batches[0], "labels": torch.full_like(micro_batches[0]["labels"], IGNORE_INDEX)}
         b = {k: v.to(device) for k, v in b.items()}
-        out = model(b["input_ids"], labels=b["labels"], attention_mask=b.get("attention_mask"),
-                    position_ids=b["position_ids"], reduction="sum")
-        (out.loss / max(total, 1)).backward()
-        loss_sum += float(out.loss.detach())
-    return loss_sum / max(total, 1), total
+        with no_grad_sync(model, i == len(share) - 1):
+            out = model(b["input_ids"], labels=b["labels"], attention_mask=b.get("attention_mask"),
+                        position_ids=b["position_ids"], reduction="sum")
+            (out.loss * scale).backward()
+        loss_sum += out.loss.detach().double()
+    return float(all_reduce_sum(loss_sum)) / max(total, 1), total
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
@@ -198,15 +241,22 @@ def data_order(n_items: int, seed: int, epoch: int) -> list[int]:
 class PostTrainCheckpointer:
     """Periodic, verified checkpoints of a post-training run, in the pretraining trainer's
     format (:func:`olmo2.train.checkpoint.save_checkpoint`: model and optimizer through
-    DCP, RNG states, ``trainer.json``, a ``manifest.json`` of sha256s written last, the
-    folder renamed into place, ``latest`` updated last). ``trainer.json`` holds the step,
-    the data position (epoch, next item), the scheduler state, the resume-relevant config
-    and ``extra`` (DPO: the reference log-probs file)."""
+    DCP, sharded as they are under FSDP2, so a run resumes on another number of ranks;
+    RNG states, ``trainer.json``, the resolved config as ``config.yaml``, a
+    ``manifest.json`` of sha256s written last, the folder renamed into place, ``latest``
+    updated last; collective under ``torchrun``). ``trainer.json`` holds the step, the
+    data position (epoch, next item), the scheduler state, the resume-relevant config,
+    the data file's sha256 (a resume on other data is refused) and ``extra`` (DPO: the
+    reference log-probs file and its sha256)."""
 
     def __init__(self, cfg, model, optimizer, scheduler, n_items: int, log):
+        from .files import file_digest
+
         self.cfg, self.model, self.optimizer, self.scheduler, self.log = cfg, model, optimizer, scheduler, log
         self.root = checkpoint_dir(cfg)
         self.n_items = n_items
+        self.data_sha256 = file_digest(cfg.data)
+        self.resumed_from: Path | None = None
 
     def resume(self) -> dict | None:
         """Load the newest checkpoint that verifies (None when there is none); refuse one
@@ -217,6 +267,11 @@ class PostTrainCheckpointer:
         if state is None:
             return None
         saved = state["config"]
+        digest = state.get("data_sha256")
+        if digest is not None and digest != self.data_sha256:
+            raise ValueError(f"--data {self.cfg.data} (sha256 {self.data_sha256[:16]}) is not the data checkpoint "
+                             f"{path} was trained on ({saved.get('data')}, sha256 {digest[:16]}): resume needs "
+                             "the same data (or another checkpoint_dir to start afresh)")
         for key in RESUME_KEYS:
             if key in saved and saved[key] != getattr(self.cfg, key, None):
                 raise ValueError(f"{key}={getattr(self.cfg, key)!r} differs from {saved[key]!r} in checkpoint {path}: "
@@ -225,16 +280,19 @@ class PostTrainCheckpointer:
             raise ValueError(f"--data has {self.n_items} usable items, checkpoint {path} was trained on "
                              f"{state['n_items']}: resume needs the same data")
         self.scheduler.load_state_dict(state["scheduler"])
+        self.resumed_from = path
         self.log(f"resumed from {path} at step {state['step']} (epoch {state['epoch']}, item {state['position']})")
         return state
 
     def save(self, step: int, epoch: int, position: int, extra: dict | None = None) -> Path:
         from .train.checkpoint import save_checkpoint
 
-        state = {"epoch": epoch, "position": position, "n_items": self.n_items,
+        from omegaconf import OmegaConf
+
+        state = {"epoch": epoch, "position": position, "n_items": self.n_items, "data_sha256": self.data_sha256,
                  "scheduler": self.scheduler.state_dict(), "config": dataclasses.asdict(self.cfg), **(extra or {})}
         path = save_checkpoint(self.root, step, self.model, self.optimizer, state,
-                               config_yaml=json.dumps(dataclasses.asdict(self.cfg), indent=1) + "\n",
+                               config_yaml=OmegaConf.to_yaml(dataclasses.asdict(self.cfg)),
                                keep_last=self.cfg.keep_last)
         self.log(f"saved {path}")
         return path
@@ -245,29 +303,113 @@ def _log(text: str) -> None:
     print(f"olmo2-sft: {text}", file=sys.stderr, flush=True)
 
 
-def load_model_and_tokenizer(model_path: str, tokenizer_spec: str, dtype: torch.dtype, device):
-    from .checkpoint_hf import load_pretrained
+def load_tokenizer_for(model_path: str, tokenizer_spec: str):
+    """The tokenizer and its spec: ``tokenizer_spec``, else the model folder's tokenizer.json, else dolma2."""
     from .tokenizers import load_tokenizer
 
     folder = Path(model_path)
     if not tokenizer_spec:
         tokenizer_spec = str(folder) if (folder / "tokenizer.json").is_file() else "dolma2"
-    model = load_pretrained(folder, dtype=dtype, device=device)
-    return model, load_tokenizer(tokenizer_spec), tokenizer_spec
+    return load_tokenizer(tokenizer_spec), tokenizer_spec
+
+
+@dataclass
+class Parallel:
+    """The process group and the model of a post-training run: ``model`` is what is
+    called (FSDP2-sharded or DDP-wrapped), ``base`` the Olmo2ForCausalLM under it."""
+    dist: DistInfo
+    strategy: str
+    model: nn.Module
+    base: Olmo2ForCausalLM
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def barrier(self) -> None:
+        if self.dist.distributed:
+            torch.distributed.barrier()
+
+
+def setup_model(cfg, packing: bool = False) -> Parallel:
+    """Join the process group (``torchrun``'s, or one process), load the HF folder
+    ``cfg.model`` in ``cfg.dtype`` and apply ``cfg.strategy``. With FSDP2 every rank
+    builds the model on meta and shards it; rank 0 reads the weights and broadcasts
+    them into the shards (no rank holds a second full copy on the device)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from .checkpoint_hf import load_pretrained
+    from .config import Olmo2Config
+    from .dtypes import DTYPES
+    from .train.parallel import init_distributed, parallelize, resolve_strategy
+
+    dist_info = init_distributed(cfg.device or "auto")
+    strategy = resolve_strategy(cfg.strategy, dist_info.world_size)
+    dtype = DTYPES[cfg.dtype]
+    folder = Path(cfg.model)
+    if strategy == "fsdp":
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--model {folder}: not a folder")
+        model = Olmo2ForCausalLM.from_config(Olmo2Config.from_hf(folder), device="meta", dtype=dtype)
+    else:
+        model = load_pretrained(folder, dtype=dtype, device=dist_info.device)
+    if packing and model.config.attn_backend == "flash_attn":
+        model.set_attn_backend("sdpa")  # flash_attn takes no mask; packing needs the document mask
+    base = model
+    if strategy == "fsdp":
+        model = parallelize(model, "fsdp", dist_info.device, "fp32")
+        model.to_empty(device=dist_info.device)
+        full = load_pretrained(folder, dtype=dtype, device="cpu").state_dict() if dist_info.is_main else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        model = parallelize(model, strategy, dist_info.device, "fp32")
+    return Parallel(dist_info, strategy, model, base)
+
+
+def export_model(par: Parallel, out: Path, tokenizer_spec: str, cfg, config_name: str) -> None:
+    """Write the HF folder ``out`` (weights, tokenizer, chat template, the resolved
+    config): from a full state dict gathered on rank 0 when the model is sharded."""
+    from .checkpoint_hf import save_pretrained
+    from .tokenizers import save_tokenizer
+    from .train.checkpoint import model_state_dict
+
+    model = par.base
+    if par.strategy == "fsdp":
+        full = model_state_dict(par.model, full=True)  # collective
+        if par.dist.is_main:
+            model = Olmo2ForCausalLM.from_config(par.base.config, device="meta")
+            model.load_state_dict(full, assign=True)
+    if par.dist.is_main:
+        save_pretrained(model, out, chat_template=CHAT_TEMPLATE)
+        save_tokenizer(tokenizer_spec, out)
+        write_config(out / config_name, cfg)
+    par.barrier()
+
+
+def write_config(path: Path, cfg) -> None:
+    from .files import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+
+
+def pad_id_for(tokenizer, vocab_size: int) -> int:
+    pad_id = tokenizer.token_to_id("<|pad|>")
+    return pad_id if pad_id is not None and pad_id < vocab_size else tokenizer.token_to_id("<|endoftext|>")
+
+
+def build_optimizer(cfg, par: Parallel, total_steps: int):
+    optimizer = torch.optim.AdamW(par.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    return optimizer, linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
 
 
 def train_sft(cfg: SFTConfig, log=_log) -> dict:
-    """Run SFT as ``cfg`` says; write the HF folder ``cfg.output``. Returns
-    ``{"losses": [...], "steps": n, "bad_records": k}``."""
-    from .checkpoint_hf import save_pretrained
-    from .dtypes import DTYPES
-    from .tokenizers import save_tokenizer
-
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Run SFT as ``cfg`` says (on every rank of a ``torchrun`` launch); write the HF
+    folder ``cfg.output``. Returns ``{"losses": [...], "steps": n, "bad_records": k}``."""
     torch.manual_seed(cfg.seed)
-    model, tokenizer, tokenizer_spec = load_model_and_tokenizer(cfg.model, cfg.tokenizer, DTYPES[cfg.dtype], device)
-    if cfg.packing and model.config.attn_backend == "flash_attn":
-        model.set_attn_backend("sdpa")  # flash_attn takes no mask; packing needs the document mask
+    par = setup_model(cfg, packing=cfg.packing)
+    log = log if par.dist.is_main else (lambda text: None)
+    tokenizer, tokenizer_spec = load_tokenizer_for(cfg.model, cfg.tokenizer)
     examples, report = read_chat_jsonl(cfg.data, tokenizer, cfg.max_length)
     log(report.summary())
     if not examples:
@@ -278,17 +420,16 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    pad_id = tokenizer.token_to_id("<|pad|>")
-    pad_id = pad_id if pad_id is not None and pad_id < model.config.vocab_size else tokenizer.token_to_id("<|endoftext|>")
+    pad_id = pad_id_for(tokenizer, par.base.config.vocab_size)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = linear_schedule(optimizer, total_steps, cfg.warmup_ratio)
-    log(f"{len(examples)} conversations in {len(rows)} rows; {total_steps} steps of {per_step} rows")
-    checkpointer = PostTrainCheckpointer(cfg, model, optimizer, scheduler, len(rows), log)
+    optimizer, scheduler = build_optimizer(cfg, par, total_steps)
+    log(f"{len(examples)} conversations in {len(rows)} rows; {total_steps} steps of {per_step} rows "
+        f"({par.strategy} on {par.dist.world_size} rank(s))")
+    checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(rows), log)
     state = checkpointer.resume()
     step, first_epoch, position = (state["step"], state["epoch"], state["position"]) if state else (0, 0, 0)
     losses: list[float] = []
-    model.train()
+    par.model.train()
     stop = min(total_steps, cfg.hard_stop) if cfg.hard_stop else total_steps
     saved_step = step if state else -1
     for epoch in range(first_epoch, cfg.epochs):
@@ -299,7 +440,7 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
             chunk = [rows[i] for i in order[start : start + per_step]]
             micro = [collate(chunk[i : i + cfg.micro_batch_size], pad_id, cfg.packing)
                      for i in range(0, len(chunk), cfg.micro_batch_size)]
-            loss, count = step_loss(model, micro, device)
+            loss, count = step_loss(par.model, micro, par.device, par.dist)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"olmo2-sft: non-finite loss {loss} at step {step}")
             optimizer.step()
@@ -319,10 +460,7 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
     if step < total_steps:
         log(f"hard_stop: stopped after step {step} of {total_steps}; rerun without hard_stop to continue")
         return {"losses": losses, "steps": step, "bad_records": len(report.bad)}
-    model.eval()
-    out = Path(cfg.output)
-    save_pretrained(model, out, chat_template=CHAT_TEMPLATE)
-    save_tokenizer(tokenizer_spec, out)
-    (out / "sft_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    log(f"wrote {out}")
+    par.model.eval()
+    export_model(par, Path(cfg.output), tokenizer_spec, cfg, "sft_config.json")
+    log(f"wrote {cfg.output}")
     return {"losses": losses, "steps": step, "bad_records": len(report.bad)}

@@ -152,11 +152,7 @@ def test_dpo_step_allocates_no_batch_by_tokens_by_vocab_tensor():
     assert naive.peak >= full_logits_bytes
 
 
-def test_dpo_resume_is_exact(tmp_path, capsys):
-    """4 steps straight vs 2 steps, stop, rerun of the same command to 4: bitwise equal weights; the resumed
-    run reads the cached reference log-probs instead of recomputing them from the (trained) checkpoint."""
-    from safetensors.torch import load_file
-
+def _dpo_resume_setup(tmp_path):
     from olmo2.cli.dpo import main
     from olmo2.tokenizers import save_tokenizer
 
@@ -175,6 +171,15 @@ def test_dpo_resume_is_exact(tmp_path, capsys):
     def run(out, *extra):
         return main(["--data", str(data), "--model", str(base), "--output", str(tmp_path / out), *keys, *extra])
 
+    return run, data
+
+
+def test_dpo_resume_is_exact(tmp_path, capsys):
+    """4 steps straight vs 2 steps, stop, rerun of the same command to 4: bitwise equal weights; the resumed
+    run reads the cached reference log-probs instead of recomputing them from the (trained) checkpoint."""
+    from safetensors.torch import load_file
+
+    run, _ = _dpo_resume_setup(tmp_path)
     assert run("straight") == 0
     assert run("resumed", "hard_stop=2") == 0
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
@@ -189,3 +194,38 @@ def test_dpo_resume_is_exact(tmp_path, capsys):
     (tmp_path / "resumed" / "reference_logps.pt").unlink()
     assert run("resumed") == 2  # without the cache the reference is gone: refuse, never use the trained policy
     assert "reference_logps.pt: missing" in capsys.readouterr().err
+
+
+def test_dpo_resume_refuses_another_reference_cache_or_data(tmp_path, capsys):
+    """The checkpoint records the reference cache's and the data's sha256: a resume with a different
+    reference file, or different data of the same size, is refused in one line naming both."""
+    from olmo2.files import file_digest
+
+    run, data = _dpo_resume_setup(tmp_path)
+    assert run("resumed", "hard_stop=2") == 0
+    out = tmp_path / "resumed"
+    state = json.loads((out / "checkpoints" / "step00000002" / "trainer.json").read_text())
+    cache = out / "reference_logps.pt"
+    assert state["ref_cache_sha256"] == file_digest(cache) and state["data_sha256"] == file_digest(data)
+    capsys.readouterr()
+
+    original = cache.read_bytes()
+    saved = torch.load(cache)
+    saved["logps"] = saved["logps"] + 0.5  # same shape, another reference
+    torch.save(saved, cache)
+    assert run("resumed") == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # the error line, after the run's progress lines
+    assert err.startswith(f"olmo2-dpo: ref_cache {cache} (sha256 {file_digest(cache)[:16]}) is not the reference")
+    assert f"checkpoint {out / 'checkpoints' / 'step00000002'} was trained with ({cache}, sha256 " \
+           f"{state['ref_cache_sha256'][:16]})" in err
+    cache.write_bytes(original)
+
+    text = data.read_text()
+    data.write_text(text.replace("Add 0 and 1", "Add 0 and 2"))  # same number of pairs, other data
+    assert run("resumed") == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"olmo2-dpo: --data {data} (sha256 {file_digest(data)[:16]}) is not the data checkpoint")
+    assert f"sha256 {state['data_sha256'][:16]}" in err
+    data.write_text(text)
+    assert run("resumed") == 0  # both restored: it continues
+    assert "at step 2 (epoch 0, item 4)" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """``olmo2-dpo``: Tülu 3 length-normalized DPO of an OLMo 2 HF folder on preference JSONL (see :mod:`olmo2.dpo`).
 
     olmo2-dpo --model SFT_HF --data prefs.jsonl --output DPO_HF [--preset olmo2_7b] [key=value ...] [--dry-run]
+    torchrun --nproc_per_node=8 -m olmo2.cli.dpo --model ... strategy=fsdp   # FSDP2 (the default with N > 1) or ddp
 
 Keys are :class:`olmo2.dpo.DPOConfig`'s fields (loss_type=dpo_norm|dpo|simpo,
 beta, lr, ...); resolution as for ``olmo2-sft``.
@@ -8,10 +9,11 @@ beta, lr, ...); resolution as for ``olmo2-sft``.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Sequence
 
 from . import errors
-from .sft import resolve
+from .sft import process_group, resolve
 
 PROG = "olmo2-dpo"
 
@@ -38,10 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(dataclasses.asdict(cfg), indent=1))
             return 0
-        result = train_dpo(cfg)
+        with process_group():
+            result = train_dpo(cfg)
         h = result["history"] or [None]  # empty when a finished run is rerun
-        print(json.dumps({"steps": result["steps"], "first": h[0], "last": h[-1],
-                          "bad_records": result["bad_records"], "output": cfg.output}))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps({"steps": result["steps"], "first": h[0], "last": h[-1],
+                              "bad_records": result["bad_records"], "output": cfg.output}))
         return 0
 
     return errors.run(PROG, body, ["--debug"] if args.debug else [], errors.expected_errors())

@@ -1,6 +1,7 @@
 """``olmo2-sft``: Tülu 3 supervised finetuning of an OLMo 2 HF folder on messages JSONL (see :mod:`olmo2.sft`).
 
     olmo2-sft --model BASE_HF --data chat.jsonl --output SFT_HF [--preset olmo2_7b] [key=value ...] [--dry-run]
+    torchrun --nproc_per_node=8 -m olmo2.cli.sft --model ... strategy=fsdp   # FSDP2 (the default with N > 1) or ddp
 
 Keys are :class:`olmo2.sft.SFTConfig`'s fields; resolution (later wins): the
 defaults, ``--preset``, then ``key=value`` overrides (OmegaConf dotlist).
@@ -8,7 +9,8 @@ defaults, ``--preset``, then ``key=value`` overrides (OmegaConf dotlist).
 from __future__ import annotations
 
 import argparse
-import sys
+import contextlib
+import os
 from typing import Sequence
 
 from . import errors
@@ -40,6 +42,22 @@ def resolve(args: argparse.Namespace, config_class=None, presets=None):
     return cfg
 
 
+@contextlib.contextmanager
+def process_group():
+    """Leave the process group that the run joined (``torchrun``) when it ends; one
+    that was already up (a test's spawned workers) is left to its owner."""
+    import torch.distributed as dist
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    try:
+        yield
+    finally:
+        if owned:
+            from ..train.parallel import destroy_distributed
+
+            destroy_distributed()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -62,10 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(dataclasses.asdict(cfg), indent=1))
             return 0
-        result = train_sft(cfg)
+        with process_group():
+            result = train_sft(cfg)
         losses = result["losses"] or [None]  # empty when a finished run is rerun
-        print(json.dumps({"steps": result["steps"], "first_loss": losses[0], "last_loss": losses[-1],
-                          "bad_records": result["bad_records"], "output": cfg.output}))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps({"steps": result["steps"], "first_loss": losses[0], "last_loss": losses[-1],
+                              "bad_records": result["bad_records"], "output": cfg.output}))
         return 0
 
     return errors.run(PROG, body, ["--debug"] if args.debug else [], errors.expected_errors())

@@ -1,0 +1,126 @@
+"""SFT and DPO on two CPU ranks (gloo): FSDP2 and DDP end with the weights of one
+process with the same global batch, and a checkpoint written by two ranks resumes
+in one. One spawn runs every two-rank command (a process group each time would
+cost more than the runs)."""
+import datetime
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from olmo2.checkpoint_hf import save_pretrained
+from olmo2.tokenizers import save_tokenizer
+from test_sft import tiny
+
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+              pytest.mark.slow]
+
+# 9 conversations / pairs, 4 per step, 3 steps: the last step has 1 micro-batch, so rank 1 runs a
+# copy with no targets (SFT) or weighted 0 (DPO); so does the reference pass (9 batches of 1).
+# adam_eps 1e-4 keeps Adam's g / (|g| + eps) smooth, so different reduction orders differ in the
+# weights by rounding only (as tests/test_distributed.py).
+COMMON = ["max_length=64", "micro_batch_size=1", "grad_accum=4", "warmup_ratio=0.25", "adam_eps=1e-4",
+          "save_interval=2", "keep_last=0", "device=cpu"]
+SFT = [*COMMON, "packing=false", "lr=1e-2", "epochs=1"]
+DPO = [*COMMON, "lr=5e-3", "beta=1.0", "epochs=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, runs: list) -> None:
+    from olmo2.cli import dpo, sft
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=5))
+    try:
+        for command, argv in runs:
+            code = (sft if command == "sft" else dpo).main(argv)
+            if code:
+                raise SystemExit(f"rank {rank}: olmo2-{command} {argv} exited {code}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from olmo2.cli import dpo, sft
+
+    root = tmp_path_factory.mktemp("posttrain_dist")
+    base = root / "base"
+    save_pretrained(tiny(vocab=258), base)
+    save_tokenizer("byte", base)
+    chat, prefs = root / "chat.jsonl", root / "prefs.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Add {a} and {a + 1}"},
+                                                     {"role": "assistant", "content": f"{2 * a + 1}"}]}) + "\n"
+                            for a in range(9)))
+    prefs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Add {a} and {a + 1}"}],
+                                         "chosen": [{"role": "assistant", "content": f"{2 * a + 1}"}],
+                                         "rejected": [{"role": "assistant", "content": f"{2 * a + 2} or so"}]})
+                             + "\n" for a in range(9)))
+
+    def argv(command, out, *extra):
+        keys = SFT if command == "sft" else DPO
+        return command, ["--model", str(base), "--data", str(chat if command == "sft" else prefs),
+                         "--output", str(root / out), *keys, *extra]
+
+    for command in ("sft", "dpo"):  # one process: the reference
+        assert (sft if command == "sft" else dpo).main(argv(command, f"{command}-one")[1]) == 0
+    two_rank = [argv("sft", "sft-fsdp", "strategy=fsdp"), argv("sft", "sft-ddp", "strategy=ddp"),
+                argv("sft", "sft-stopped", "strategy=fsdp", "hard_stop=2"),
+                argv("dpo", "dpo-fsdp", "strategy=fsdp"), argv("dpo", "dpo-ddp", "strategy=ddp"),
+                argv("dpo", "dpo-stopped", "strategy=fsdp", "hard_stop=2")]
+    mp.spawn(_worker, args=(2, _free_port(), two_rank), nprocs=2, join=True)
+    return root, argv
+
+
+def weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("run", ["sft-fsdp", "sft-ddp", "dpo-fsdp", "dpo-ddp"])
+def test_two_ranks_match_one_process(runs, run):
+    root, _ = runs
+    reference = weights(root / f"{run.split('-')[0]}-one")
+    got = weights(root / run)
+    assert got.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    state = json.loads((root / run / "checkpoints" / "step00000002" / "trainer.json").read_text())
+    assert state["world_size"] == 2
+    start = load_file(root / "base" / "model.safetensors")
+    assert any(not torch.equal(value, start[name]) for name, value in got.items())  # it trained
+
+
+def test_dpo_reference_pass_sharded_equals_one_process(runs):
+    root, _ = runs
+    one = torch.load(root / "dpo-one" / "reference_logps.pt")["logps"]
+    two = torch.load(root / "dpo-fsdp" / "reference_logps.pt")["logps"]
+    assert two.shape == (9, 2)
+    torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_two_rank_checkpoint_resumes_in_one_process(runs, command, capsys):
+    """Stopped at step 2 of 2 ranks under FSDP2, finished in one process: the weights of the straight run."""
+    from olmo2.cli import dpo, sft
+
+    root, argv = runs
+    out = root / f"{command}-stopped"
+    assert not (out / "model.safetensors").exists()
+    assert (sft if command == "sft" else dpo).main(argv(command, f"{command}-stopped")[1]) == 0
+    assert "at step 2 (epoch 0, item 8)" in capsys.readouterr().err
+    reference = weights(root / f"{command}-one")
+    got = weights(out)
+    for name, value in reference.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
