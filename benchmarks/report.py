@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 SCHEMA_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # benchmarks/report.py -> the checkout
 COMMIT_ENV = "OLMO2_BENCH_GIT_COMMIT"
 
 

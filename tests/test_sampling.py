@@ -172,6 +172,10 @@ def test_bench_generate_quick_cpu_run(tmp_path, capsys):
     assert code == 0
     doc = json.loads((tmp_path / "generate.json").read_text())
     assert doc["kind"] == "generate" and doc["env"]["device_type"] == "cpu"
+    from pathlib import Path
+
+    if (Path(cli.__file__).resolve().parents[1] / ".git").exists():  # results name the commit they came from
+        assert doc["env"]["git"]["source"] == "git" and len(doc["env"]["git"]["commit"]) == 40
     rows = {(r["impl"], r["batch"]): r for r in doc["rows"]}
     assert set(rows) == {("sample", 1), ("generate", 1), ("sample", 4), ("generate", 4)}
     for (impl, batch), r in rows.items():
