@@ -224,6 +224,10 @@ def sample(
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"sample: top_p must be in (0, 1], got {top_p!r}")
     stops = _token_lists("stop_sequences", stop_sequences or [], config.vocab_size)
+    device = next(model.parameters()).device
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"sample: generator is on {generator.device} but the model on {device}; "
+                         f"make it with torch.Generator(device={str(device)!r})")
     eos = _eos_ids(config.eos_token_id if eos_token_id is None else eos_token_id)
 
     rows = [p for p in range(len(prompts)) for _ in range(k)]
