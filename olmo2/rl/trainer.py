@@ -1,0 +1,455 @@
+"""The RL-with-verifiable-rewards loop (GRPO) over an OLMo 2 HF checkpoint (``olmo2-rl``).
+
+What this module owns: :class:`RLConfig` and its presets, one rollout
+(:func:`rollout`: sample, verify, reward, group advantages), the updates on it
+(:func:`update`), greedy held-out evaluation (:func:`evaluate_prompts`) and the
+loop (:func:`train_rl`) with metrics, checkpoints for exact resume and the HF export.
+
+Per step: ``prompts_per_step`` prompts (B) in the seeded data order, ``k``
+completions each from :func:`olmo2.generation.sample` (KV cache; the sampled
+tokens' log-probs come from the decode pass), a reward per completion from its
+record's verifier (:func:`olmo2.rl.verifiers.reward`), advantages per group of
+k (:func:`olmo2.rl.grpo.group_advantages`), then ``ppo_epochs`` passes over
+the B*k completions in ``mini_batches`` optimizer steps each, the GRPO loss of
+:mod:`olmo2.rl.grpo` on token log-probs through the fused LM head (no (B, T, V)
+logits; micro-batches of ``micro_batch_size`` completions).
+
+* **Ratio**: against the sampling policy's log-probs, by default those the
+  sampler returned (``old_logprobs="sampler"``; raw ``log_softmax``, i.e. the
+  policy at temperature 1). With one PPO epoch and one mini-batch the update
+  runs on the policy that sampled, so the ratio is 1 up to float rounding
+  between the cached decode and the full forward (a test checks it);
+  ``"recompute"`` takes them from a no-grad forward instead (for a sampler in
+  another precision or engine). Sampling at ``temperature != 1`` draws from a
+  different distribution than the one in the ratio; Tülu 3 and OLMo 2 sample at 1.
+* **Reference** (``beta > 0``): a frozen copy of the starting model kept in
+  memory, its log-probs computed once per rollout in a no-grad forward (one
+  extra forward per rollout, no backward). Memory: one more copy of the weights
+  (a 7B model in bf16: 14 GB more; the tiny demo model: 13 MB); no optimizer
+  state or gradients for it. With ``beta = 0`` (Dr. GRPO, open-instruct's
+  zero-style runs) there is no copy and KL is not logged.
+* **Resume**: as SFT and DPO (:class:`olmo2.sft.PostTrainCheckpointer`): model,
+  optimizer, scheduler, RNG, step, and the sampling generator's state; the data
+  position is ``step * prompts_per_step`` in the seeded order. A rerun of the same
+  command continues from the newest verified checkpoint, bitwise as if never stopped.
+* **Metrics**: one line per step in ``output/metrics.jsonl`` (reward mean,
+  accuracy = share of completions with reward > 0, advantage stats, share of
+  groups with equal rewards, loss, KL, entropy estimate, clip fraction, ratio,
+  completion length, stop reasons, generation and training tokens/s, lr,
+  gradient norm), and ``eval/accuracy`` every ``eval_interval`` steps on ``eval_data``.
+"""
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..chat import CHAT_TEMPLATE, IGNORE_INDEX
+from ..sft import PostTrainCheckpointer, Row, collate, data_order, linear_schedule
+from .data import Prompt, read_prompts
+from .grpo import ADVANTAGE_SCALES, AGGREGATIONS, completion_mask, group_advantages, grpo_loss, token_logps, \
+    token_weights
+
+
+@dataclass
+class RLConfig:
+    model: str = ""  # HF folder of the starting policy (and the reference)
+    data: str = ""  # prompt JSONL (messages or prompt, verifier, reference)
+    output: str = ""  # HF folder to write; the run folder (metrics.jsonl, checkpoints/)
+    tokenizer: str = ""  # empty: the model folder's tokenizer.json, else dolma2
+    steps: int = 100  # rollouts (each: prompts_per_step x k completions, then the updates)
+    prompts_per_step: int = 16
+    k: int = 8  # completions per prompt (the group)
+    max_prompt_length: int = 2048
+    max_new_tokens: int = 2048  # response length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop_strings: list[str] = dataclasses.field(default_factory=list)
+    truncated_reward: float | None = None  # reward of a completion cut at max_new_tokens (None: its verifier's)
+    lr: float = 5e-7
+    lr_schedule: str = "linear"  # linear decay to 0 over the run, or constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = 0.05  # KL coefficient (k3 estimator); 0: no reference model
+    clip_eps: float = 0.2
+    advantage_scale: str = "std"  # "std" (GRPO) or "none" (Dr. GRPO)
+    loss_aggregation: str = "token"  # "token", "sequence" or "fixed" (see olmo2.rl.grpo)
+    old_logprobs: str = "sampler"  # "sampler" or "recompute"
+    ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per PPO epoch over one rollout
+    micro_batch_size: int = 8  # completions per forward
+    sample_batch_size: int = 0  # completions decoded together; 0: all of a step's
+    seed: int = 1
+    dtype: str = "float32"
+    device: str = ""
+    eval_data: str = ""  # prompt JSONL scored greedily every eval_interval steps (and before step 1)
+    eval_interval: int = 0  # 0: only before the first and after the last step (when eval_data is set)
+    eval_max_new_tokens: int = 0  # 0: max_new_tokens
+    save_interval: int = 50
+    keep_last: int = 2
+    checkpoint_dir: str = ""
+    hard_stop: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "k", "max_prompt_length", "max_new_tokens", "ppo_epochs",
+                     "mini_batches", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_interval", "keep_last", "hard_stop", "eval_interval", "eval_max_new_tokens",
+                     "sample_batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RLConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.beta < 0 or not 0 < self.clip_eps < 1:
+            raise ValueError(f"RLConfig: need lr > 0, beta >= 0 and 0 < clip_eps < 1, got lr={self.lr}, "
+                             f"beta={self.beta}, clip_eps={self.clip_eps}")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"RLConfig: need temperature > 0 and 0 < top_p <= 1, got temperature="
+                             f"{self.temperature}, top_p={self.top_p}")
+        choices = {"advantage_scale": ADVANTAGE_SCALES, "loss_aggregation": AGGREGATIONS,
+                   "old_logprobs": ("sampler", "recompute"), "lr_schedule": ("linear", "constant")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if (self.prompts_per_step * self.k) % self.mini_batches:
+            raise ValueError(f"RLConfig.mini_batches={self.mini_batches} must divide prompts_per_step * k = "
+                             f"{self.prompts_per_step * self.k}")
+
+
+# OLMo 2 Instruct's RLVR (Tülu 3 recipe) and open-instruct's GRPO scripts for OLMo 2,
+# read with the search tool:
+# * allenai/open-instruct docs/archived_dev_scripts/olmo2_1124.sh, "# 7B RL" / "# 13B RL"
+#   (the OLMo 2 1124 RLVR sweeps; PPO with a value model): beta swept 0.03-0.1, lr 4e-7
+#   and 5e-7 (7B), 4e-7 (13B), response_length 2048, max_prompt_token_length 2048,
+#   temperature 1.0, stop at EOS, non_stop_penalty with penalty_reward_value -10.
+# * allenai/open-instruct scripts/train/olmo2/grpo_fast_7b_zero.sh (GRPO on OLMo 2 7B):
+#   num_unique_prompts_rollout 48, num_samples_per_prompt_rollout 16, lr 5e-7,
+#   beta 0.0, response_length 2048, temperature 1.0, 1 epoch, 1 mini-batch, linear schedule.
+# These run on many GPUs; on one process the same numbers mean long steps.
+PRESETS: dict[str, dict] = {
+    "olmo2_7b_rlvr": dict(lr=5e-7, beta=0.05, k=16, prompts_per_step=48, temperature=1.0, max_new_tokens=2048,
+                          max_prompt_length=2048, truncated_reward=-10.0, lr_schedule="linear"),
+    "olmo2_13b_rlvr": dict(lr=4e-7, beta=0.05, k=16, prompts_per_step=48, temperature=1.0, max_new_tokens=2048,
+                           max_prompt_length=2048, truncated_reward=-10.0, lr_schedule="linear"),
+    "olmo2_7b_grpo_zero": dict(lr=5e-7, beta=0.0, k=16, prompts_per_step=48, temperature=1.0,
+                               max_new_tokens=2048, max_prompt_length=2048, lr_schedule="linear"),
+}
+
+# Keys that decide what a resumed run computes, beyond olmo2.sft.RESUME_KEYS.
+RL_RESUME_KEYS = ("steps", "prompts_per_step", "k", "max_new_tokens", "temperature", "top_p", "beta", "clip_eps",
+                  "advantage_scale", "loss_aggregation", "old_logprobs", "ppo_epochs", "mini_batches",
+                  "lr_schedule", "model", "truncated_reward", "stop_strings")
+
+
+def _log(text: str) -> None:
+    print(f"olmo2-rl: {text}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- rollout
+@dataclass
+class Rollout:
+    rows: list[Row]  # prompt + completion, labels -100 on the prompt
+    old_logps: list[list[float]]  # per completion token
+    rewards: Tensor  # (N,)
+    advantages: Tensor  # (N,)
+    lengths: list[int]
+    stop_reason: list[str]
+    correct: list[bool]
+    texts: list[str]
+    gen_seconds: float
+
+
+def rollout(model, tokenizer, prompts: list[Prompt], cfg: RLConfig, generator: torch.Generator, eos: int) -> Rollout:
+    """Sample ``cfg.k`` completions of each prompt, verify them and compute the group advantages."""
+    from ..generation import sample
+    from .verifiers import reward as verify
+
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    stops = [tokenizer.encode(s, add_special_tokens=False).ids for s in cfg.stop_strings]
+    samples = sample(model, [p.ids for p in prompts], k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=eos,
+                     stop_sequences=[s for s in stops if s] or None, generator=generator,
+                     batch_size=cfg.sample_batch_size or None)
+    gen_seconds = time.perf_counter() - t0
+    model.train(was_training)
+    rows, rewards, correct, texts = [], [], [], []
+    for i, tokens in enumerate(samples.tokens):
+        prompt = prompts[samples.prompt_index[i]]
+        text = tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True)
+        r = float(verify(text, prompt.record))
+        correct.append(r > 0)
+        if cfg.truncated_reward is not None and samples.stop_reason[i] == "length":
+            r = float(cfg.truncated_reward)
+        rewards.append(r)
+        texts.append(text)
+        ids = prompt.ids + list(tokens)
+        labels = [IGNORE_INDEX] * len(prompt.ids) + list(tokens)
+        rows.append(Row(ids, labels, list(range(len(ids))), [0] * len(ids)))
+    reward_t = torch.tensor(rewards, dtype=torch.float32)
+    return Rollout(rows=rows, old_logps=[list(x) for x in samples.logprobs], rewards=reward_t,
+                   advantages=group_advantages(reward_t, cfg.k, cfg.advantage_scale),
+                   lengths=[len(t) for t in samples.tokens], stop_reason=list(samples.stop_reason),
+                   correct=correct, texts=texts, gen_seconds=gen_seconds)
+
+
+def _placed(rows: list[Row], values: list[list[float]], width: int) -> Tensor:
+    """(B, width) with each completion's per-token values at the positions that predict them."""
+    out = torch.zeros(len(rows), width, dtype=torch.float64)
+    for b, (row, v) in enumerate(zip(rows, values)):
+        start = len(row.ids) - len(v) - 1
+        if v:
+            out[b, start : start + len(v)] = torch.tensor(v, dtype=torch.float64)
+    return out
+
+
+def _micro(rows: list[Row], pad_id: int, device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in collate(rows, pad_id, packing=False).items()}
+
+
+@torch.no_grad()
+def forward_logps(model, rows: list[Row], pad_id: int, micro_batch_size: int, device) -> list[list[float]]:
+    """Completion-token log-probs of ``rows`` in a no-grad forward (reference or recomputed old policy)."""
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = []
+    for i in range(0, len(rows), micro_batch_size):
+        chunk = rows[i : i + micro_batch_size]
+        b = _micro(chunk, pad_id, device)
+        logps = token_logps(model, b).double().cpu()
+        mask = completion_mask(b["labels"]).cpu()
+        out += [logps[j][mask[j]].tolist() for j in range(len(chunk))]
+    model.train(was_training)
+    return out
+
+
+def update(model, optimizer, scheduler, ro: Rollout, ref_logps: list[list[float]] | None, cfg: RLConfig,
+           pad_id: int, device) -> dict[str, float]:
+    """``ppo_epochs`` x ``mini_batches`` optimizer steps of the GRPO loss on one rollout; summed stats."""
+    n = len(ro.rows)
+    per_mini = n // cfg.mini_batches
+    sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "ratio": 0.0, "neg_logp": 0.0, "tokens": 0.0,
+            "grad_norm": 0.0, "optimizer_steps": 0}
+    for _ in range(cfg.ppo_epochs):
+        for m in range(cfg.mini_batches):
+            idx = list(range(m * per_mini, (m + 1) * per_mini))
+            weights = token_weights([ro.lengths[i] for i in idx], cfg.loss_aggregation, cfg.max_new_tokens)
+            for j in range(0, len(idx), cfg.micro_batch_size):
+                sub = idx[j : j + cfg.micro_batch_size]
+                rows = [ro.rows[i] for i in sub]
+                b = _micro(rows, pad_id, device)
+                width = b["input_ids"].shape[1]
+                logps = token_logps(model, b)
+                mask = completion_mask(b["labels"])
+                old = _placed(rows, [ro.old_logps[i] for i in sub], width).to(device)
+                ref = _placed(rows, [ref_logps[i] for i in sub], width).to(device) if ref_logps is not None else None
+                loss, stats = grpo_loss(logps, old, ref, ro.advantages[sub].to(device),
+                                        torch.tensor([weights[i - idx[0]] for i in sub], device=device), mask,
+                                        cfg.clip_eps, cfg.beta)
+                loss.backward()
+                sums["loss"] += float(loss.detach())
+                for key, value in stats.items():
+                    sums[key] += float(value)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"olmo2-rl: non-finite gradient norm {float(grad_norm)}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums["grad_norm"] += float(grad_norm)
+            sums["optimizer_steps"] += 1
+    return sums
+
+
+# --------------------------------------------------------------------------- evaluation
+def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                       batch_size: int = 64) -> list[str]:
+    """Greedy completions of ``prompt_ids`` (stopped at EOS), decoded without it."""
+    from ..generation import sample
+
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    was_training = model.training
+    model.eval()
+    samples = sample(model, prompt_ids, k=1, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=eos,
+                     batch_size=batch_size)
+    model.train(was_training)
+    return [tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True) for tokens in samples.tokens]
+
+
+def evaluate_prompts(model, tokenizer, prompts: list[Prompt], max_new_tokens: int) -> dict:
+    """Greedy verified accuracy (share with reward > 0) and mean reward on ``prompts``."""
+    from .verifiers import reward as verify
+
+    texts = greedy_completions(model, tokenizer, [p.ids for p in prompts], max_new_tokens)
+    rewards = [float(verify(t, p.record)) for t, p in zip(texts, prompts)]
+    return {"accuracy": sum(r > 0 for r in rewards) / max(1, len(rewards)),
+            "reward": sum(rewards) / max(1, len(rewards)), "n": len(rewards),
+            "samples": [{"prompt": p.record.get("prompt") or p.record.get("messages"), "reference": p.record["reference"],
+                         "completion": t} for p, t in list(zip(prompts, texts))[:4]]}
+
+
+# --------------------------------------------------------------------------- the loop
+def _generator_state(g: torch.Generator) -> str:
+    return base64.b64encode(g.get_state().numpy().tobytes()).decode("ascii")
+
+
+def _set_generator_state(g: torch.Generator, text: str) -> None:
+    raw = base64.b64decode(text.encode("ascii"))
+    g.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+
+
+def step_prompts(n_prompts: int, seed: int, step: int, per_step: int) -> list[int]:
+    """Indices of the prompts of ``step`` (0-based): the stream of seeded epoch orders, cut in chunks."""
+    out: list[int] = []
+    orders: dict[int, list[int]] = {}
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(i, n_prompts)
+        if epoch not in orders:
+            orders[epoch] = data_order(n_prompts, seed, epoch)
+        out.append(orders[epoch][pos])
+    return out
+
+
+def load_policy(cfg: RLConfig, device):
+    """The model of ``cfg.model`` and its tokenizer (``cfg.tokenizer``, else the folder's
+    ``tokenizer.json``, else dolma2), and the tokenizer's spec for the export."""
+    from ..checkpoint_hf import load_pretrained
+    from ..dtypes import DTYPES
+    from ..tokenizers import load_tokenizer
+
+    folder = Path(cfg.model)
+    spec = cfg.tokenizer or (str(folder) if (folder / "tokenizer.json").is_file() else "dolma2")
+    return load_pretrained(folder, dtype=DTYPES[cfg.dtype], device=device), load_tokenizer(spec), spec
+
+
+def train_rl(cfg: RLConfig, log=_log) -> dict:
+    """Run GRPO as ``cfg`` says; write the HF folder ``cfg.output``. Returns
+    ``{"history": [per-step metrics], "steps": n, "bad_records": k, "eval": {step: result}}``."""
+    from ..checkpoint_hf import save_pretrained
+    from ..tokenizers import save_tokenizer
+    from ..train.metrics import MetricsLogger
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, tokenizer_spec = load_policy(cfg, device)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer_spec}: has no <|endoftext|> token (the chat template's EOS)")
+    pad_id = tokenizer.token_to_id("<|pad|>")
+    pad_id = pad_id if pad_id is not None and pad_id < model.config.vocab_size else eos
+    prompts, report = read_prompts(cfg.data, tokenizer, cfg.max_prompt_length)
+    log(report.summary())
+    if not prompts:
+        raise ValueError(f"--data {cfg.data}: no usable records")
+    eval_prompts: list[Prompt] = []
+    if cfg.eval_data:
+        eval_prompts, eval_report = read_prompts(cfg.eval_data, tokenizer, cfg.max_prompt_length)
+        log("eval_data " + eval_report.summary())
+    # The reference is the starting model: copied before a resume loads a trained policy.
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_updates = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
+    scheduler = (linear_schedule(optimizer, total_updates, 0.0) if cfg.lr_schedule == "linear"
+                 else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
+    checkpointer = PostTrainCheckpointer(cfg, model, optimizer, scheduler, len(prompts), log)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg.seed)
+    state = checkpointer.resume()
+    step = 0
+    if state is not None:
+        for key in RL_RESUME_KEYS:
+            if key in state["config"] and state["config"][key] != getattr(cfg, key):
+                raise ValueError(f"{key}={getattr(cfg, key)!r} differs from {state['config'][key]!r} in the "
+                                 f"checkpoint: resume needs the same value (or another checkpoint_dir)")
+        step = state["step"]
+        _set_generator_state(generator, state["generator"])
+    out = Path(cfg.output)
+    metrics = MetricsLogger(out, cfg.steps, start_step=step, progress=False, tensorboard=False)
+    stop = min(cfg.steps, cfg.hard_stop) if cfg.hard_stop else cfg.steps
+    eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
+    history: list[dict] = []
+    evals: dict[int, dict] = {}
+
+    def run_eval(at: int) -> None:
+        result = evaluate_prompts(model, tokenizer, eval_prompts, eval_tokens)
+        evals[at] = result
+        metrics.log(at, {"eval/accuracy": result["accuracy"], "eval/reward": result["reward"]})
+        log(f"eval at step {at}: accuracy {result['accuracy']:.3f} reward {result['reward']:.3f} on {result['n']}")
+
+    if eval_prompts and step == 0:
+        run_eval(0)
+    saved_step = step if state is not None else -1
+    model.train()
+    try:
+        while step < stop:
+            chunk = [prompts[i] for i in step_prompts(len(prompts), cfg.seed, step, cfg.prompts_per_step)]
+            ro = rollout(model, tokenizer, chunk, cfg, generator, eos)
+            t0 = time.perf_counter()
+            if cfg.old_logprobs == "recompute":
+                ro.old_logps = forward_logps(model, ro.rows, pad_id, cfg.micro_batch_size, device)
+            ref = (forward_logps(ref_model, ro.rows, pad_id, cfg.micro_batch_size, device)
+                   if ref_model is not None else None)
+            sums = update(model, optimizer, scheduler, ro, ref, cfg, pad_id, device)
+            train_seconds = time.perf_counter() - t0
+            step += 1
+            n_tok = max(1.0, sums["tokens"])
+            groups = ro.rewards.reshape(-1, cfg.k)
+            row = {
+                "reward": float(ro.rewards.mean()),
+                "accuracy": sum(ro.correct) / len(ro.correct),
+                "advantage_abs": float(ro.advantages.abs().mean()),
+                "advantage_std": float(ro.advantages.std(unbiased=False)),
+                "equal_reward_groups": float((groups == groups[:, :1]).all(1).float().mean()),
+                "loss": sums["loss"] / sums["optimizer_steps"],
+                "entropy": sums["neg_logp"] / n_tok,
+                "clip_fraction": sums["clipped"] / n_tok,
+                "ratio": sums["ratio"] / n_tok,
+                "completion_length": sum(ro.lengths) / len(ro.lengths),
+                "stopped_eos": sum(s == "eos" for s in ro.stop_reason) / len(ro.stop_reason),
+                "truncated": sum(s == "length" for s in ro.stop_reason) / len(ro.stop_reason),
+                "gen_tokens_per_s": sum(ro.lengths) / max(ro.gen_seconds, 1e-9),
+                "train_tokens_per_s": sum(len(r.ids) for r in ro.rows) * cfg.ppo_epochs / max(train_seconds, 1e-9),
+                "grad_norm": sums["grad_norm"] / sums["optimizer_steps"],
+                "lr": scheduler.get_last_lr()[0],
+            }
+            if ref is not None:
+                row["kl"] = sums["kl"] / n_tok
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"olmo2-rl: non-finite loss {row['loss']} at step {step}")
+            history.append(row)
+            metrics.log(step, row)
+            log(f"step {step}/{cfg.steps} " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
+            if eval_prompts and cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.steps:
+                run_eval(step)
+            if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
+                epoch, position = divmod(step * cfg.prompts_per_step, len(prompts))
+                checkpointer.save(step, epoch, position, {"generator": _generator_state(generator)})
+                saved_step = step
+        if saved_step != step:
+            epoch, position = divmod(step * cfg.prompts_per_step, len(prompts))
+            checkpointer.save(step, epoch, position, {"generator": _generator_state(generator)})
+        result = {"history": history, "steps": step, "bad_records": len(report.bad), "eval": evals}
+        if step < cfg.steps:
+            log(f"hard_stop: stopped after step {step} of {cfg.steps}; rerun without hard_stop to continue")
+            return result
+        if eval_prompts and history:  # not again when a finished run is rerun
+            run_eval(step)
+    finally:
+        metrics.close()
+    model.eval()
+    save_pretrained(model, out, chat_template=CHAT_TEMPLATE)
+    save_tokenizer(tokenizer_spec, out)
+    (out / "rl_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    log(f"wrote {out}")
+    return result

@@ -1,0 +1,137 @@
+"""olmo2-rl: prompt records with line numbers, seeded rollouts, exact resume mid-RL, several seeds, the CLI."""
+import json
+
+import pytest
+import torch
+
+from olmo2.checkpoint_hf import save_pretrained
+from olmo2.rl.data import read_prompts
+from olmo2.rl.verifiers import VERIFIERS, register_verifier
+from olmo2.tokenizers import load_tokenizer, save_tokenizer
+
+from test_sft import tiny
+
+# A verifier a random tiny model satisfies about half the time, so groups have mixed rewards
+# and the updates have a gradient: an even number of characters in the completion.
+if "test_even_length" not in VERIFIERS:
+    register_verifier("test_even_length", lambda text, reference: len(text) % 2 == 0)
+
+
+@pytest.fixture
+def base(tmp_path):
+    folder = tmp_path / "base"
+    save_pretrained(tiny(vocab=258, seed=1), folder)  # the byte tokenizer: a small checkpoint
+    save_tokenizer("byte", folder)
+    return folder
+
+
+def write_prompts(path, n=6):
+    path.write_text("".join(json.dumps({"prompt": f"Add {a} and {a + 1}", "verifier": "test_even_length",
+                                        "reference": str(2 * a + 1)}) + "\n" for a in range(n)))
+    return path
+
+
+def test_bad_records_are_reported_with_line_numbers(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"prompt": "What is 1+1?", "verifier": "gsm8k", "reference": "2"}),
+        "{not json",
+        json.dumps({"prompt": "What is 2+2?", "verifier": "nope", "reference": "4"}),
+        json.dumps({"prompt": "What is 3+3?", "verifier": "gsm8k"}),
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}],
+                    "dataset": "gsm8k", "ground_truth": "1"}),  # Tülu 3's field names; the answer turn is dropped
+        json.dumps({"messages": [{"role": "system", "content": "Be brief."}], "verifier": "gsm8k", "reference": "1"}),
+        json.dumps({"prompt": "x" * 300, "verifier": "gsm8k", "reference": "1"}),
+        json.dumps({"answer": "1"}),
+    ]) + "\n")
+    prompts, report = read_prompts(path, load_tokenizer("byte"), max_prompt_length=200)
+    assert [p.line for p in prompts] == [1, 5]
+    assert prompts[1].record["verifier"] == "gsm8k" and prompts[1].record["reference"] == "1"
+    bad = dict(report.bad)
+    assert sorted(bad) == [2, 3, 4, 6, 7, 8]
+    assert "invalid JSON" in bad[2] and "'nope' is not one of" in bad[3] and "needs 'reference'" in bad[4]
+    assert "end with a user turn" in bad[6] and "over max_prompt_length 200" in bad[7] and "'prompt'" in bad[8]
+    assert "2 of 8 records kept, 6 skipped (line 2: invalid JSON" in report.summary()
+
+
+def test_cli_reports_no_usable_records_in_one_line(tmp_path, base, capsys):
+    from olmo2.cli.rl import main
+
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "x"}\n')
+    assert main(["--model", str(base), "--data", str(data), "--output", str(tmp_path / "out"), "device=cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"olmo2-rl: --data {data}: no usable records"
+    assert "0 of 1 records kept, 1 skipped (line 1: verifier None is not one of" in err[-2]
+    assert main(["--model", str(base), "--data", str(data), "--output", "o", "k=0"]) == 2
+    assert "RLConfig.k must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_seeds_run_into_their_own_folders(tmp_path, capsys):
+    from olmo2.cli.rl import main
+
+    assert main(["--model", "m", "--data", "d", "--output", str(tmp_path / "runs"), "--seeds", "1,2,3", "--dry-run",
+                 "--preset", "olmo2_7b_rlvr"]) == 0
+    configs = json.loads(capsys.readouterr().out)
+    assert [(c["seed"], c["output"]) for c in configs] == [(s, str(tmp_path / "runs" / f"seed-{s}")) for s in (1, 2, 3)]
+    assert configs[0]["lr"] == 5e-7 and configs[0]["k"] == 16 and configs[0]["max_new_tokens"] == 2048
+    assert main(["--model", "m", "--data", "d", "--output", "o", "--seeds", "1,x"]) == 2
+
+
+def test_rollout_is_reproducible_with_a_seeded_generator(tmp_path, base):
+    from olmo2.rl.trainer import RLConfig, load_policy, rollout
+
+    cfg = RLConfig(model=str(base), data=str(write_prompts(tmp_path / "p.jsonl")), output="o", k=4,
+                   max_new_tokens=6, device="cpu")
+    model, tokenizer, _ = load_policy(cfg, "cpu")
+    prompts, _ = read_prompts(cfg.data, tokenizer, 64)
+
+    def run(seed):
+        ro = rollout(model, tokenizer, prompts[:3], cfg, torch.Generator().manual_seed(seed), 256)
+        return [r.ids for r in ro.rows], ro.rewards, ro.advantages
+
+    a, b, c = run(0), run(0), run(1)
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    assert a[0] != c[0]
+    assert len(a[0]) == 12 and a[1].shape == (12,)
+
+
+@pytest.mark.slow
+def test_rl_resume_is_exact(tmp_path, base, capsys):
+    """4 steps straight vs 2 steps, stop, rerun of the same command to 4: bitwise equal weights and the
+    same samples after the resume (the sampling generator's state is in the checkpoint)."""
+    from safetensors.torch import load_file
+
+    from olmo2.cli.rl import main
+
+    data = write_prompts(tmp_path / "prompts.jsonl", n=5)  # 2 prompts a step: step 3 starts the second epoch
+    keys = ["steps=4", "prompts_per_step=2", "k=4", "max_new_tokens=6", "max_prompt_length=64", "lr=1e-3",
+            "beta=0.1", "ppo_epochs=2", "mini_batches=2", "micro_batch_size=3", "save_interval=0", "device=cpu",
+            "lr_schedule=linear"]
+
+    def run(out, *extra):
+        return main(["--model", str(base), "--data", str(data), "--output", str(tmp_path / out), *keys, *extra])
+
+    assert run("straight") == 0
+    assert run("resumed", "hard_stop=2") == 0
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert run("resumed") == 0
+    assert "resumed from" in capsys.readouterr().err
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    start = load_file(base / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
+
+    def rows(out):
+        return [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    straight, resumed = rows("straight"), rows("resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for x, y in zip(straight, resumed):
+        assert {k: v for k, v in x.items() if "per_s" not in k and k != "time"} == \
+               {k: v for k, v in y.items() if "per_s" not in k and k != "time"}
+    assert any(r["clip_fraction"] > 0 for r in straight)  # the second PPO epoch moved off the sampling policy
+    assert all(r["kl"] >= 0 for r in straight)
+    assert (tmp_path / "straight" / "tokenizer_config.json").is_file()
+    assert "<|assistant|>" in json.loads((tmp_path / "straight" / "tokenizer_config.json").read_text())["chat_template"]
