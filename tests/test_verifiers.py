@@ -215,3 +215,27 @@ def test_register_verifier(monkeypatch):
 def test_bad_records(record, error, message):
     with pytest.raises(error, match=message):
         reward("1", record)
+
+
+def test_tulu3_instruction_records():
+    """Tülu 3's RLVR instruction-following ground truths (a JSON string naming an open-instruct checking function
+    and its arguments, unused ones null) are read as the matching constraint."""
+    def record(**ground_truth):
+        import json
+
+        return {"dataset": "ifeval", "ground_truth": json.dumps({"N": None, "quantifier": None, **ground_truth})}
+
+    assert reward("all lower case", record(func_name="validate_lowercase")) == 10.0
+    assert reward("Not lower", record(func_name="validate_lowercase")) == 0.0
+    assert reward("SHOUTING ONLY", record(func_name="validate_uppercase")) == 10.0
+    words = " ".join(["word"] * 52)
+    assert reward(words, record(func_name="validate_word_constraint", N=50, quantifier="at least")) == 10.0
+    assert reward(words, record(func_name="validate_word_constraint", N=50, quantifier="around")) == 10.0  # within 5
+    assert reward(words, record(func_name="validate_word_constraint", N=60, quantifier="around")) == 0.0
+    assert reward("Red fox.", record(func_name="verify_keywords", keyword_list=["fox", "red"])) == 10.0
+    assert reward("* a\n* b", record(func_name="verify_bullet_points", N=2)) == 10.0
+    assert reward("Done. Any other questions?", record(func_name="validate_end", end_phrase="Any other questions?")) == 10.0
+    with pytest.raises(ValueError, match="constraint 0 field 'func_name' = 'validate_title' has no counterpart here"):
+        reward("<<t>>", record(func_name="validate_title"))
+    with pytest.raises(ValueError, match=r"constraint 0 \(word_count\) field 'n' must be int, got None"):
+        reward("x", record(func_name="validate_word_constraint", quantifier="at least"))

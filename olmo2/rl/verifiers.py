@@ -191,6 +191,7 @@ _RELATIONS = {
     "less_than": lambda count, n: count < n,
     "more_than": lambda count, n: count > n,
     "exactly": lambda count, n: count == n,
+    "around": lambda count, n: abs(count - n) <= max(round(0.1 * n), 1),  # IFEval's "around": within 10 %
 }
 
 
@@ -269,6 +270,8 @@ CONSTRAINTS: dict[str, Callable[[str, Mapping, str], bool]] = {
     "bullet_count": lambda text, spec, where: _counted(count_bullets(text), {"relation": "exactly", **spec}, where),
     # {"type": "lowercase"}: no capital letter anywhere
     "lowercase": lambda text, spec, where: text == text.lower() and bool(text.strip()),
+    # {"type": "uppercase"}: no small letter anywhere
+    "uppercase": lambda text, spec, where: text == text.upper() and bool(text.strip()),
     # {"type": "ends_with", "phrase": "Is there anything else?"}: the answer's last words, any case
     "ends_with": lambda text, spec, where: text.strip().lower().endswith(_field(spec, "phrase", str, where).strip().lower()),
     # {"type": "no_comma"}
@@ -276,8 +279,28 @@ CONSTRAINTS: dict[str, Callable[[str, Mapping, str], bool]] = {
 }
 
 
+# Tülu 3's RLVR instruction-following records (open-instruct's if_functions.py) name a
+# checking function and its arguments: {"func_name": "validate_word_constraint",
+# "N": 50, "quantifier": "at least", ...}. Those with a constraint here are read as it
+# (keywords and forbidden words are whole words here, substrings there; words are
+# runs of word characters here, whitespace-separated there).
+TULU3_FUNCS: dict[str, Callable[[Mapping], dict]] = {
+    "verify_keywords": lambda a: {"type": "keywords", "keywords": a.get("keyword_list")},
+    "validate_forbidden_words": lambda a: {"type": "forbidden_words", "words": a.get("forbidden_words")},
+    "validate_word_constraint": lambda a: {"type": "word_count", "relation": a.get("quantifier"), "n": a.get("N")},
+    "verify_sentence_constraint": lambda a: {"type": "sentence_count", "relation": a.get("quantifier"), "n": a.get("N")},
+    "verify_bullet_points": lambda a: {"type": "bullet_count", "n": a.get("N")},
+    "validate_json_format": lambda a: {"type": "json_format"},
+    "validate_lowercase": lambda a: {"type": "lowercase"},
+    "validate_uppercase": lambda a: {"type": "uppercase"},
+    "validate_end": lambda a: {"type": "ends_with", "phrase": a.get("end_phrase")},
+    "validate_no_commas": lambda a: {"type": "no_comma"},
+}
+
+
 def ifeval_constraints(reference: Any) -> list[Mapping]:
-    """The constraint dicts of a reference: a dict, a list of dicts, or either as a JSON string."""
+    """The constraint dicts of a reference: a dict, a list of dicts, or either as a JSON
+    string; Tülu 3's ``{"func_name": ...}`` records are translated (:data:`TULU3_FUNCS`)."""
     if isinstance(reference, str):
         try:
             reference = json.loads(reference)
@@ -286,7 +309,14 @@ def ifeval_constraints(reference: Any) -> list[Mapping]:
     specs = [reference] if isinstance(reference, Mapping) else reference
     if not isinstance(specs, list) or not specs or not all(isinstance(s, Mapping) for s in specs):
         raise ValueError(f"ifeval verifier: the reference must be a constraint dict or a non-empty list of them, got {reference!r}")
+    specs = list(specs)
     for i, spec in enumerate(specs):
+        if "type" not in spec and "func_name" in spec:
+            func = spec["func_name"]
+            if func not in TULU3_FUNCS:
+                raise ValueError(f"ifeval verifier: constraint {i} field 'func_name' = {func!r} has no counterpart here "
+                                 f"(one of {sorted(TULU3_FUNCS)})")
+            spec = specs[i] = TULU3_FUNCS[func](spec)
         kind = spec.get("type")
         if kind not in CONSTRAINTS:
             raise ValueError(f"ifeval verifier: constraint {i} field 'type' must be one of {sorted(CONSTRAINTS)}, got {kind!r}")
