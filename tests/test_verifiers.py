@@ -179,6 +179,7 @@ def test_reward_pays_the_tulu3_bonus():
     assert reward("hi there", {"verifier": "ifeval", "reference": {"type": "lowercase"}}) == 10.0
     # Tülu 3's field names
     assert reward("\\boxed{2}", {"dataset": "math", "ground_truth": "2"}) == 10.0
+    assert reward("\\boxed{2}", {"dataset": "MATH", "ground_truth": "2"}) == 10.0
 
 
 def test_register_verifier(monkeypatch):

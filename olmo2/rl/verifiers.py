@@ -357,7 +357,8 @@ def reward(sample_text: str, record: Mapping, *, bonus: float = VERIFICATION_REW
     """The reward of a completion for a prompt record: ``bonus`` times its verifier's
     verdict (True: 1, False: 0, a score in [0, 1] as it is).
 
-    ``record["verifier"]`` names the verifier (Tülu 3's ``"dataset"`` is read too) and
+    ``record["verifier"]`` names the verifier (Tülu 3's ``"dataset"`` is read too; a name
+    registered in lower case matches in any case) and
     ``record["reference"]`` is what it checks against (or Tülu 3's ``"ground_truth"``).
     """
     if not isinstance(record, Mapping):
@@ -365,6 +366,8 @@ def reward(sample_text: str, record: Mapping, *, bonus: float = VERIFICATION_REW
     name = record.get("verifier", record.get("dataset"))
     if name is None:
         raise ValueError(f"reward: the record has no 'verifier' field (one of {sorted(VERIFIERS)})")
+    if isinstance(name, str) and name not in VERIFIERS and name.lower() in VERIFIERS:
+        name = name.lower()  # Tülu 3's sets say "MATH"; open-instruct looks names up lowercased
     if not isinstance(name, str) or name not in VERIFIERS:
         raise ValueError(f"reward: the record's 'verifier' field is {name!r}, not one of {sorted(VERIFIERS)}")
     reference = record.get("reference", record.get("ground_truth"))
