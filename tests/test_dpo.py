@@ -115,11 +115,13 @@ def test_dpo_cli_tiny_run_raises_margin(tmp_path, capsys):
 
 
 def test_dpo_cli_dry_run_and_errors(capsys):
+    import yaml
+
     from olmo2.cli.dpo import main
 
     assert main(["--model", "m", "--data", "d", "--output", "o", "--preset", "olmo2_7b", "--dry-run"]) == 0
-    cfg = json.loads(capsys.readouterr().out)
-    assert cfg["loss_type"] == "dpo_norm" and cfg["beta"] == 5.0 and cfg["lr"] == 1e-6
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["loss_type"] == "dpo_norm" and cfg["beta"] == 5.0 and cfg["lr"] == 5e-7
     assert main(["--model", "m", "--data", "d", "--output", "o", "loss_type=ipo"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("olmo2-dpo: ") and "loss_type must be one of" in err and err.count("\n") == 1

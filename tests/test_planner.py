@@ -192,7 +192,8 @@ def test_32b_config_is_the_published_run():
     assert cfg.schedule.name == "cosine" and cfg.schedule.final_lr_ratio == 0.1
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")  # pretraining ones
+                                            if not p.name.startswith(("sft-", "dpo-"))))
 def test_plan_cli_prints_table_for_shipped_configs(config, capsys):
     where = ["--nodes=8"] if config.startswith("olmo2-") else ["--gpu=cpu"]  # the tiny ones: one CPU process
     assert main(["--config", str(ROOT / "configs" / config), "--plan", *where]) == 0

@@ -128,14 +128,54 @@ def test_sft_cli_tiny_run_lowers_loss(tmp_path, capsys):
 
 
 def test_sft_cli_dry_run_preset_and_errors(capsys):
+    import yaml
+
     from olmo2.cli.sft import main
 
     assert main(["--model", "m", "--data", "d", "--output", "o", "--preset", "olmo2_7b", "--dry-run", "lr=1e-5"]) == 0
-    cfg = json.loads(capsys.readouterr().out)
+    cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["lr"] == 1e-5 and cfg["grad_accum"] == 128 and cfg["max_length"] == 4096
-    assert main(["--model", "m", "--data", "d", "--output", "o", "--preset", "nope"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("olmo2-sft: --preset must be one of") and err.count("\n") == 1
+    assert cfg["preset"] == "olmo2_7b"
+    for argv, start in [(["--preset", "nope"], "olmo2-sft: preset must be one of"),
+                        (["lr2=3"], "olmo2-sft: lr2: Key 'lr2' not in 'SFTConfig'"),
+                        (["--epochs=two"], "olmo2-sft: epochs: Value 'two' of type 'str' could not be converted"),
+                        (["strategy=zero"], "olmo2-sft: SFTConfig.strategy must be one of"),
+                        (["--config", "missing.yaml"], "olmo2-sft: --config: no such file")]:
+        assert main(["--model", "m", "--data", "d", "--output", "o", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(start) and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("stage, size", [("sft", "7b"), ("sft", "13b"), ("dpo", "7b"), ("dpo", "13b")])
+def test_shipped_yaml_configs_equal_the_presets(stage, size, capsys):
+    """configs/{sft,dpo}-olmo2-*.yaml resolve to the same config as --preset olmo2_* (so they cannot drift)."""
+    from pathlib import Path
+
+    import yaml
+
+    from olmo2.cli import dpo, sft
+
+    main = (sft if stage == "sft" else dpo).main
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{stage}-olmo2-{size}.yaml"
+    paths = ["--model", "m", "--data", "d", "--output", "o", "--dry-run"]
+    assert main([*paths, "--config", str(path)]) == 0
+    from_file = yaml.safe_load(capsys.readouterr().out)
+    assert main([*paths, "--preset", f"olmo2_{size}"]) == 0
+    from_preset = yaml.safe_load(capsys.readouterr().out)
+    assert from_preset.pop("preset") == f"olmo2_{size}" and from_file.pop("preset") == ""
+    assert from_file == from_preset
+    assert from_file["lr"] == {"sft-7b": 1e-5, "sft-13b": 6e-6}.get(f"{stage}-{size}", 5e-7)
+
+
+def test_help_lists_the_keys_and_exits_0(capsys):
+    from olmo2.cli import dpo, sft
+
+    for main, key in ((sft.main, "packing=True"), (dpo.main, "loss_type=dpo_norm")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert "--config FILE" in out and key in out and "strategy=auto" in out
 
 
 def _resume_setup(tmp_path):
@@ -176,6 +216,10 @@ def test_sft_resume_is_exact(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "resumed from" in err and "at step 2 (epoch 0, item 4)" in err
     assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "resumed" / "checkpoints" / "step00000004" / "config.yaml").read_text())
+    assert saved["lr"] == 1e-2 and saved["grad_accum"] == 2 and saved["output"] == str(tmp_path / "resumed")
     assert run("resumed", "lr=2e-2") == 2  # a changed schedule cannot continue the run
     assert "lr=0.02 differs from 0.01 in checkpoint" in capsys.readouterr().err
 

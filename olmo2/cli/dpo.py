@@ -4,41 +4,38 @@
     torchrun --nproc_per_node=8 -m olmo2.cli.dpo --model ... strategy=fsdp   # FSDP2 (the default with N > 1) or ddp
 
 Keys are :class:`olmo2.dpo.DPOConfig`'s fields (loss_type=dpo_norm|dpo|simpo,
-beta, lr, ...); resolution as for ``olmo2-sft``.
+beta, lr, ...); resolution as for ``olmo2-sft`` (``--config configs/dpo-olmo2-7b.yaml``,
+``--preset``, ``key=value``; ``--dry-run`` prints the YAML saved beside each checkpoint).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Sequence
 
 from . import errors
-from .sft import process_group, resolve
+from .sft import dump, parse, parser, process_group, resolve
 
 PROG = "olmo2-dpo"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", help="HF folder of the SFT model (the policy's start and the reference)")
-    p.add_argument("--data", help="preference JSONL (prompt / chosen / rejected message lists per line)")
-    p.add_argument("--output", help="HF folder to write (with tokenizer.json and the chat template)")
-    p.add_argument("--preset", help="Tülu 3 DPO hyperparameters: tulu3_8b, olmo2_7b")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of DPOConfig fields")
-    args = p.parse_args(argv)
+    from ..dpo import DPOConfig
+
+    p = parser(PROG, __doc__, DPOConfig, {
+        "model": "HF folder of the SFT model (the policy's start and the reference)",
+        "data": "preference JSONL (prompt / chosen / rejected message lists per line)",
+        "output": "HF folder to write (with tokenizer.json and the chat template)"},
+        "Tülu 3 DPO hyperparameters: olmo2_7b, olmo2_13b, tulu3_8b (also as configs/dpo-olmo2-*.yaml)")
+    args = parse(p, argv)
 
     def body() -> int:
-        import dataclasses
         import json
 
-        from ..dpo import PRESETS, DPOConfig, train_dpo
+        from ..dpo import PRESETS, train_dpo
 
         cfg = resolve(args, DPOConfig, PRESETS)
         if args.dry_run:
-            print(json.dumps(dataclasses.asdict(cfg), indent=1))
+            print(dump(cfg), end="")
             return 0
         with process_group():
             result = train_dpo(cfg)

@@ -1,10 +1,15 @@
 """``olmo2-sft``: Tülu 3 supervised finetuning of an OLMo 2 HF folder on messages JSONL (see :mod:`olmo2.sft`).
 
     olmo2-sft --model BASE_HF --data chat.jsonl --output SFT_HF [--preset olmo2_7b] [key=value ...] [--dry-run]
+    olmo2-sft --config configs/sft-olmo2-7b.yaml --model BASE_HF --data chat.jsonl --output SFT_HF
     torchrun --nproc_per_node=8 -m olmo2.cli.sft --model ... strategy=fsdp   # FSDP2 (the default with N > 1) or ddp
 
-Keys are :class:`olmo2.sft.SFTConfig`'s fields; resolution (later wins): the
-defaults, ``--preset``, then ``key=value`` overrides (OmegaConf dotlist).
+Keys are :class:`olmo2.sft.SFTConfig`'s fields. Resolution (later wins), by the
+resolver every stage uses (:func:`olmo2.train.config.resolve_config`): the
+defaults, the preset (``--preset`` or the file's ``preset:``), the YAML file
+(``--config``), ``--model/--data/--output``, then ``key=value`` (or
+``--key=value``) overrides. ``--dry-run`` prints the resolved config as YAML;
+the same YAML is saved beside each checkpoint (``config.yaml``).
 """
 from __future__ import annotations
 
@@ -19,27 +24,73 @@ PROG = "olmo2-sft"
 
 
 def resolve(args: argparse.Namespace, config_class=None, presets=None):
-    """The config of ``args``: defaults, ``--preset``, --model/--data/--output, then key=value overrides."""
+    """The config of ``args`` (``model``, ``data``, ``output``, ``preset``, ``overrides``
+    and optionally ``config``) through the one resolver of every stage."""
     from omegaconf import OmegaConf
+
+    from ..train.config import parse_overrides, resolve_config
 
     if config_class is None:
         from ..sft import PRESETS as presets, SFTConfig as config_class
-    PRESETS = presets
-    base = OmegaConf.structured(config_class)
-    layers = [base]
-    if args.preset:
-        if args.preset not in PRESETS:
-            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
-        layers.append(OmegaConf.create(PRESETS[args.preset]))
-    layers.append(OmegaConf.create({k: v for k, v in (("model", args.model), ("data", args.data),
-                                                       ("output", args.output)) if v}))
-    layers.append(OmegaConf.from_dotlist([o.lstrip("-") for o in args.overrides]))
-    merged = OmegaConf.merge(*layers)
-    cfg = config_class(**OmegaConf.to_container(merged))
+    paths = {k: v for k, v in (("model", args.model), ("data", args.data), ("output", args.output)) if v}
+    given = parse_overrides([o if o.startswith("--") else f"--{o}" for o in args.overrides])
+    cfg = resolve_config(config_class, presets, getattr(args, "config", None),
+                         OmegaConf.merge(OmegaConf.create(paths), OmegaConf.create(given)), args.preset or None)
     for name in ("model", "data", "output"):
         if not getattr(cfg, name):
-            raise ValueError(f"--{name} is required")
+            raise ValueError(f"--{name} is required (or {name}: in the --config file)")
     return cfg
+
+
+def keys_help(config_class) -> str:
+    """``key=default  doc`` for every field of ``config_class`` (the comments above or beside the fields)."""
+    import dataclasses
+    import inspect
+    import re
+
+    docs = {}
+    for line in inspect.getsource(config_class).splitlines():
+        m = re.match(r"^ {4}(\w+)\s*:.*?#\s*(.+)$", line)
+        if m:
+            docs[m.group(1)] = m.group(2).strip()
+    rows = []
+    for f in dataclasses.fields(config_class):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append(f"  {f'{f.name}={default}':<28} {docs.get(f.name, '')}".rstrip())
+    return "config keys (key=value; the default shown):\n" + "\n".join(rows)
+
+
+def parser(prog: str, doc: str, config_class, what: dict[str, str], preset_help: str) -> argparse.ArgumentParser:
+    """The argument parser olmo2-sft and olmo2-dpo share; unknown ``--key=value`` go to the overrides."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc + "\n" + keys_help(config_class))
+    for name, text in what.items():
+        p.add_argument(f"--{name}", help=text)
+    p.add_argument("--config", metavar="FILE", help="YAML file of config keys (e.g. configs/sft-olmo2-7b.yaml)")
+    p.add_argument("--preset", help=preset_help)
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="print the resolved config (YAML) and exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config keys below")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args, unknown = p.parse_known_args(argv)
+    bad = [u for u in unknown if not (u.startswith("--") and "=" in u)]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*unknown, *args.overrides]
+    return args
+
+
+def dump(cfg) -> str:
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(dataclasses.asdict(cfg))
 
 
 @contextlib.contextmanager
@@ -59,26 +110,23 @@ def process_group():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", help="HF folder of the base model")
-    p.add_argument("--data", help="messages JSONL ({\"messages\": [...]} per line)")
-    p.add_argument("--output", help="HF folder to write (with tokenizer.json and the chat template)")
-    p.add_argument("--preset", help="Tülu 3 hyperparameters for OLMo 2: olmo2_7b, olmo2_13b")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of SFTConfig fields")
-    args = p.parse_args(argv)
+    from ..sft import SFTConfig
+
+    p = parser(PROG, __doc__, SFTConfig, {
+        "model": "HF folder of the base model",
+        "data": "messages JSONL ({\"messages\": [...]} per line)",
+        "output": "HF folder to write (with tokenizer.json and the chat template)"},
+        "Tülu 3 hyperparameters for OLMo 2: olmo2_7b, olmo2_13b (also as configs/sft-olmo2-*.yaml)")
+    args = parse(p, argv)
 
     def body() -> int:
-        import dataclasses
         import json
 
         from ..sft import train_sft
 
         cfg = resolve(args)
         if args.dry_run:
-            print(json.dumps(dataclasses.asdict(cfg), indent=1))
+            print(dump(cfg), end="")
             return 0
         with process_group():
             result = train_sft(cfg)

@@ -520,12 +520,19 @@ def _pop_model_preset(layer: DictConfig) -> str | None:
     return None
 
 
-def resolve(config_file: str | os.PathLike | None = None, overrides: list[str] | dict | DictConfig | None = None,
-            preset: str | None = None) -> TrainConfig:
-    """Defaults <- preset <- YAML file <- overrides, merged by OmegaConf into a validated :class:`TrainConfig`.
+def resolve_config(schema: type, presets: dict[str, Any], config_file: str | os.PathLike | None = None,
+                   overrides: list[str] | dict | DictConfig | None = None, preset: str | None = None,
+                   prepare: typing.Callable[[list[DictConfig]], DictConfig] | None = None) -> Any:
+    """The one resolver of every stage (pretraining, SFT, DPO): the dataclass ``schema``'s
+    defaults <- the named preset <- the YAML file <- the overrides, merged by OmegaConf
+    into a validated ``schema`` instance.
 
-    ``overrides`` are ``--key=value`` strings or a (nested) mapping. The preset
-    is the overrides' ``preset``, else the file's, else ``preset``, else ``tiny``.
+    ``overrides`` are ``--key=value`` strings (dotted keys for sections) or a (nested)
+    mapping. The preset is the overrides' ``preset``, else the file's, else ``preset``
+    (None: none). ``prepare(layers)`` may edit the three layers (preset, file,
+    overrides) and returns the schema node to merge them into (default: the
+    structured ``schema``). Every error is a :class:`ConfigError` of one line that
+    names the dotted key.
     """
     file_layer = _load_file(config_file) if config_file else OmegaConf.create({})
     if isinstance(overrides, list):
@@ -535,28 +542,46 @@ def resolve(config_file: str | os.PathLike | None = None, overrides: list[str] |
             raise _library_error(exc) from None
     else:
         cli_layer = _as_layer(overrides)
-    name = cli_layer.get("preset", file_layer.get("preset", preset or "tiny"))
-    if name not in PRESETS:
-        raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
-    layers = [_as_layer(PRESETS[name]), file_layer, cli_layer]
-    model_preset = DEFAULT_MODEL_PRESET
-    for layer in layers:
-        model_preset = _pop_model_preset(layer) or model_preset
-        _paths_as_lists(layer)
+    name = cli_layer.get("preset", file_layer.get("preset", preset))
+    if name is not None and name not in presets:
+        raise ConfigError(f"preset must be one of {sorted(presets)}, got {name!r}")
+    layers = [_as_layer(presets[name] if name is not None else {}), file_layer, cli_layer]
     try:
-        schema = OmegaConf.structured(TrainConfig)
-        # The model preset's own values, not a built Olmo2Config: fields it leaves
-        # unset (head_dim, num_key_value_heads) follow the overrides.
-        schema.model = OmegaConf.merge(OmegaConf.structured(Olmo2Config), MODEL_PRESETS[model_preset])
-        merged = OmegaConf.merge(schema, *layers)
-        merged.preset = name
+        base = prepare(layers) if prepare is not None else OmegaConf.structured(schema)
+        if "preset" not in base:  # a schema that does not record its preset
+            for layer in layers:
+                layer.pop("preset", None)
+        merged = OmegaConf.merge(base, *layers)
+        if "preset" in merged:
+            merged.preset = name if name is not None else ""
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _library_error(exc) from None
     except ConfigError:
         raise
-    except (TypeError, ValueError) as exc:  # Olmo2Config's own checks
+    except (TypeError, ValueError) as exc:  # the dataclasses' own checks (Olmo2Config's, SFTConfig's, ...)
         raise ConfigError(f"model: {exc}" if "Olmo2Config" in str(exc) else str(exc)) from None
+
+
+def _train_schema(layers: list[DictConfig]) -> DictConfig:
+    """TrainConfig's schema node: the model preset named in the layers (``model.preset``)
+    as the model's defaults; single paths as one-item lists."""
+    model_preset = DEFAULT_MODEL_PRESET
+    for layer in layers:
+        model_preset = _pop_model_preset(layer) or model_preset
+        _paths_as_lists(layer)
+    schema = OmegaConf.structured(TrainConfig)
+    # The model preset's own values, not a built Olmo2Config: fields it leaves
+    # unset (head_dim, num_key_value_heads) follow the overrides.
+    schema.model = OmegaConf.merge(OmegaConf.structured(Olmo2Config), MODEL_PRESETS[model_preset])
+    return schema
+
+
+def resolve(config_file: str | os.PathLike | None = None, overrides: list[str] | dict | DictConfig | None = None,
+            preset: str | None = None) -> TrainConfig:
+    """Defaults <- preset <- YAML file <- overrides, merged by OmegaConf into a validated :class:`TrainConfig`
+    (:func:`resolve_config`; the preset defaults to ``tiny``)."""
+    return resolve_config(TrainConfig, PRESETS, config_file, overrides, preset or "tiny", prepare=_train_schema)
 
 
 # ---------------------------------------------------------------------- --help
