@@ -132,8 +132,10 @@ def exact_match(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 12, batch_size: int = 64) -> list[str]:
-    """Greedy answers to ``prompts`` as one user turn each, cut at EOS (left-padded batches)."""
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 12, batch_size: int = 64,
+                     temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Answers to ``prompts`` as one user turn each, cut at EOS (left-padded batches):
+    greedy, or sampled at ``temperature`` (reproducibly from ``seed``)."""
     import torch
 
     from .chat import encode_chat
@@ -141,6 +143,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
 
     eos = tokenizer.token_to_id("<|endoftext|>")
     device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):
         encoded = [encode_chat(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True)[0]
@@ -148,7 +151,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
         width = max(len(ids) for ids in encoded)
         ids = torch.tensor([[eos] * (width - len(x)) + x for x in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=device)
-        rows = generate(model, ids, max_new_tokens, eos_token_id=eos, attention_mask=mask, pad_token_id=eos)
+        rows = generate(model, ids, max_new_tokens, temperature=temperature, eos_token_id=eos, attention_mask=mask,
+                        pad_token_id=eos, generator=generator)
         for row in rows[:, width:].tolist():
             if eos in row:
                 row = row[: row.index(eos)]
@@ -168,6 +172,46 @@ def evaluate(model_folder: str | Path, examples: list[tuple[str, str]]) -> dict:
     tokenizer = load_tokenizer(str(model_folder))
     predictions = generate_answers(model, tokenizer, [p for p, _ in examples])
     return score(examples, predictions)
+
+
+def on_policy_pairs(model_folder: str | Path, train: list[tuple[str, str]], samples: int = 4,
+                    temperature: float = 1.0, seed: int = 0) -> tuple[list[dict], dict]:
+    """Preference records built as Tülu 3 builds its on-policy pairs, with the demo's
+    verifier as the judge: for each distinct training prompt, the SFT model's greedy
+    answer and ``samples`` sampled ones; rejected = its greedy answer when that is
+    wrong (the mistake the evaluation sees), else one of its wrong samples; chosen =
+    the reference answer. A prompt the model always answers right gives no pair.
+    Returns the records and counts (prompts, pairs, greedy-wrong, sampled-wrong)."""
+    import torch
+
+    from .checkpoint_hf import load_pretrained
+    from .tokenizers import load_tokenizer
+
+    model = load_pretrained(model_folder, dtype=torch.float32, device="cpu").eval()
+    tokenizer = load_tokenizer(str(model_folder))
+    answers = dict(train)  # prompt -> reference (a repeated prompt has one answer)
+    prompts = list(answers)
+    greedy = generate_answers(model, tokenizer, prompts)
+    sampled = [generate_answers(model, tokenizer, prompts, temperature=temperature, seed=seed + i)
+               for i in range(samples)]
+    rng = random.Random(seed)
+    records, from_greedy = [], 0
+    for j, prompt in enumerate(prompts):
+        reference = answers[prompt]
+        wrong = [a.strip() for a in [greedy[j], *(s[j] for s in sampled)]
+                 if a.strip() and not exact_match(a, reference)]
+        if not wrong:
+            continue
+        if wrong[0] == greedy[j].strip():
+            from_greedy += 1
+            rejected = wrong[0]
+        else:
+            rejected = rng.choice(wrong)
+        records.append({"prompt": [{"role": "user", "content": prompt}],
+                        "chosen": [{"role": "assistant", "content": reference}],
+                        "rejected": [{"role": "assistant", "content": rejected}]})
+    return records, {"prompts": len(prompts), "pairs": len(records), "rejected_greedy": from_greedy,
+                     "rejected_sampled": len(records) - from_greedy}
 
 
 def score(examples: list[tuple[str, str]], predictions: list[str]) -> dict:
@@ -201,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpo-epochs", type=int, default=1)
     p.add_argument("--dpo-lr", type=float, default=1e-4)
     p.add_argument("--dpo-beta", type=float, default=5.0)
+    p.add_argument("--dpo-pairs", choices=("on_policy", "synthetic"), default="on_policy",
+                   help="rejected answers: the SFT model's own wrong ones (greedy, else sampled), or made-up ones")
+    p.add_argument("--dpo-samples", type=int, default=4, help="sampled answers per prompt for on-policy pairs")
+    p.add_argument("--reuse-sft", action="store_true",
+                   help="keep an SFT model already in OUT/sft (same data and seed) and start at DPO")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
 
@@ -216,13 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"olmo2-demo: --base {base} holds no HF checkpoint; run `olmo2-train` first "
                          "(its default run writes runs/olmo2-tiny/hf)")
     out = Path(args.out)
-    for stage in ("sft", "dpo"):  # the demo starts over: a stale checkpoint there would be resumed
+    reuse = args.reuse_sft and (out / "sft" / "config.json").is_file()
+    for stage in ("dpo",) if reuse else ("sft", "dpo"):  # starts over: a stale checkpoint there would be resumed
         shutil.rmtree(out / stage, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     train, test = make_splits(args.n_train, args.n_test, args.seed)
-    rng = random.Random(args.seed + 1)
     write_jsonl(out / "sft.jsonl", (chat_record(p_, a) for p_, a in train))
-    write_jsonl(out / "prefs.jsonl", (preference_record(p_, a, rng) for p_, a in train))
     write_jsonl(out / "test.jsonl", (chat_record(p_, a) for p_, a in test))
     _log(f"{len(train)} training prompts, {len(test)} held-out, in {out}")
 
@@ -240,11 +288,22 @@ def main(argv: list[str] | None = None) -> int:
 
     record("base", base, 0.0)
     t0 = time.perf_counter()
-    train_sft(SFTConfig(model=str(base), data=str(out / "sft.jsonl"), output=str(out / "sft"), max_length=256,
-                        micro_batch_size=args.sft_rows, grad_accum=1, lr=args.sft_lr, warmup_ratio=0.05,
-                        epochs=args.sft_epochs, seed=args.seed, device="cpu", save_interval=0))
+    if reuse:
+        _log(f"reusing the SFT model in {out / 'sft'}")
+    else:
+        train_sft(SFTConfig(model=str(base), data=str(out / "sft.jsonl"), output=str(out / "sft"), max_length=256,
+                            micro_batch_size=args.sft_rows, grad_accum=1, lr=args.sft_lr, warmup_ratio=0.05,
+                            epochs=args.sft_epochs, seed=args.seed, device="cpu", save_interval=0))
     record("sft", out / "sft", time.perf_counter() - t0)
     t0 = time.perf_counter()
+    if args.dpo_pairs == "on_policy":
+        prefs, counts = on_policy_pairs(out / "sft", train, args.dpo_samples, seed=args.seed + 1)
+        results["on_policy_pairs"] = counts
+        _log(f"on-policy pairs: {counts} ({time.perf_counter() - t0:.1f} s of sampling)")
+    else:
+        rng = random.Random(args.seed + 1)
+        prefs = [preference_record(p_, a, rng) for p_, a in train]
+    write_jsonl(out / "prefs.jsonl", prefs)
     train_dpo(DPOConfig(model=str(out / "sft"), data=str(out / "prefs.jsonl"), output=str(out / "dpo"),
                         max_length=128, micro_batch_size=32, grad_accum=1, lr=args.dpo_lr, beta=args.dpo_beta,
                         warmup_ratio=0.1, epochs=args.dpo_epochs, seed=args.seed, device="cpu", save_interval=0))

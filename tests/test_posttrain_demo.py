@@ -79,3 +79,28 @@ def test_greedy_evaluation_of_a_tiny_model(tmp_path):
     result = evaluate(tmp_path, list(zip(prompts, ["21", "edcba", "2", "x"])))
     assert 0.0 <= result["accuracy"] <= 1.0 and len(result["samples"]) == 4
     assert set(result["per_task"]) == set(TASKS)
+
+
+def test_on_policy_pairs_reject_the_models_own_wrong_answers(tmp_path, monkeypatch):
+    """Rejected = the model's greedy answer when wrong, else a wrong sample; chosen = the reference;
+    a prompt answered right every time gives no pair; duplicates give one pair."""
+    import olmo2.demo_tasks as demo
+    from olmo2.checkpoint_hf import save_pretrained
+    from olmo2.tokenizers import save_tokenizer
+
+    cfg = Olmo2Config(vocab_size=258, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      attn_backend="sdpa", pad_token_id=257, eos_token_id=256)
+    save_pretrained(Olmo2ForCausalLM.from_config(cfg, generator=torch.Generator().manual_seed(0)), tmp_path)
+    save_tokenizer("byte", tmp_path)
+    train = [("What is 1+1?", "2"), ("What is 2+2?", "4"), ("What is 3+3?", "6"), ("What is 1+1?", "2")]
+    # the model's answers, scripted: greedy right/wrong/right, samples wrong only for the third prompt
+    scripted = {0.0: ["2", "5", "6"], 1.0: ["2", "4", "7"]}
+    monkeypatch.setattr(demo, "generate_answers", lambda m, t, prompts, temperature=0.0, seed=0: scripted[temperature])
+    records, counts = demo.on_policy_pairs(tmp_path, train, samples=2)
+    assert counts == {"prompts": 3, "pairs": 2, "rejected_greedy": 1, "rejected_sampled": 1}
+    assert [(r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in records] \
+        == [("What is 2+2?", "4", "5"), ("What is 3+3?", "6", "7")]
+    monkeypatch.undo()
+    records, counts = demo.on_policy_pairs(tmp_path, train[:2], samples=1)  # the real sampler on a random model
+    assert counts["prompts"] == 2 and all(r["rejected"][0]["content"] != r["chosen"][0]["content"] for r in records)
