@@ -107,9 +107,33 @@ def test_reproducible_with_a_seed():
     assert a.tokens != c.tokens
 
 
-def test_eos_and_stop_sequences_end_their_row_only():
+def test_kv_cache_select_rows():
+    from olmo2.model import KVCache
+
+    cache = KVCache(2, capacity=5)
+    keys = [torch.randn(3, 2, 4, 8) for _ in range(2)]
+    for layer in range(2):
+        cache.update(layer, keys[layer], -keys[layer])
+    cache.advance(4)
+    picked = cache.select_rows(torch.tensor([2, 0, 0]), capacity=9)
+    assert picked.length == 4 and picked.capacity == 9
+    for layer in range(2):
+        k, v = picked.update(layer, torch.zeros(3, 2, 1, 8), torch.ones(3, 2, 1, 8))
+        assert k.shape == (3, 2, 5, 8) and picked._keys[layer].shape[2] == 9  # room allocated once
+        assert torch.equal(k[:, :, :4], keys[layer][[2, 0, 0]]) and torch.equal(v[:, :, :4], -keys[layer][[2, 0, 0]])
+        assert torch.equal(k[:, :, 4], torch.zeros(3, 2, 8)) and torch.equal(v[:, :, 4], torch.ones(3, 2, 8))
+    assert torch.equal(cache.update(0, keys[0][:, :, :0], keys[0][:, :, :0])[0], keys[0])  # the source is untouched
+
+
+def test_eos_and_stop_sequences_end_their_row_only(monkeypatch):
     """Stops taken from a free greedy run: the row that meets one ends right after
     it (the stop ids kept), the others go on unchanged after the batch drops it."""
+    from olmo2.model import KVCache
+
+    selected = []
+    select_rows = KVCache.select_rows
+    monkeypatch.setattr(KVCache, "select_rows", lambda self, rows, capacity=0: selected.append(rows.numel())
+                        or select_rows(self, rows, capacity))
     model = tiny_model()
     prompts = prompts_of([5, 3, 6, 4])
     free = sample(model, prompts, max_new_tokens=12, temperature=0.0, eos_token_id=[]).tokens
@@ -125,6 +149,7 @@ def test_eos_and_stop_sequences_end_their_row_only():
         assert out.stop_reason[row] == reason, row
     assert out.stop_reason[1] in ("stop", "eos") and out.stop_reason[2] == "eos" and len(out.tokens[2]) <= 3
     assert out.tokens[1][-2:] == stop or out.stop_reason[1] == "eos"
+    assert selected and min(selected) < 4  # finished rows were dropped from the batch, the rest went on unchanged
 
 
 def test_max_new_tokens_zero_and_one():
