@@ -19,7 +19,7 @@ sequences still running.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -194,6 +194,8 @@ def sample(
     stop_sequences: Sequence[Sequence[int]] | None = None,
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
+    stop_strings: Sequence[str] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> Samples:
     """``k`` completions of up to ``max_new_tokens`` tokens for each prompt (lists of ids).
 
@@ -204,8 +206,10 @@ def sample(
     only, so every row continues exactly as it would alone. A row stops at the
     first eos id (``eos_token_id`` None: the config's; ``[]``: never) or once
     its completion ends with one of ``stop_sequences`` (token-id lists, matched
-    inside the completion only, kept in ``tokens``), else after
-    ``max_new_tokens``. ``temperature`` 0 is greedy; otherwise the draw is
+    inside the completion only, kept in ``tokens``) or once its decoded text
+    contains one of ``stop_strings`` (checked on ``decode(ids)`` of the last
+    tokens each step, so a string is found however the tokenizer split it; the
+    row ends with the token that completed it), else after ``max_new_tokens``. ``temperature`` 0 is greedy; otherwise the draw is
     from the temperature-scaled distribution cut to its top-p nucleus. The
     returned log-probs are always those of the unmodified policy (see
     :class:`Samples`). Same ``generator`` seed and arguments: same samples
@@ -224,6 +228,7 @@ def sample(
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"sample: top_p must be in (0, 1], got {top_p!r}")
     stops = _token_lists("stop_sequences", stop_sequences or [], config.vocab_size)
+    texts = _stop_texts(stop_strings, decode)
     device = next(model.parameters()).device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"sample: generator is on {generator.device} but the model on {device}; "
@@ -238,12 +243,27 @@ def sample(
         distinct = sorted(set(chunk))
         tokens, logps, reasons = _sample_rows(
             model, [prompts[p] for p in distinct], [chunk.count(p) for p in distinct], max_new_tokens,
-            float(temperature), float(top_p), eos, stops, generator,
+            float(temperature), float(top_p), eos, stops, generator, texts,
         )
         out.tokens += tokens
         out.logprobs += logps
         out.stop_reason += reasons
     return out
+
+
+def _stop_texts(stop_strings: object, decode: object) -> tuple[list[str], Callable[[list[int]], str], int] | None:
+    """``(strings, decode, window)``: a stop string lies within the last ``window`` tokens when it ends at the
+    newest one (a token decodes to at least one character, byte pieces of one character aside)."""
+    if not stop_strings:
+        return None
+    if isinstance(stop_strings, str) or not isinstance(stop_strings, Sequence):
+        raise TypeError(f"sample: stop_strings must be a list of strings, got {type(stop_strings).__name__}")
+    for i, text in enumerate(stop_strings):
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"sample: stop_strings[{i}] must be a non-empty string, got {text!r}")
+    if not callable(decode):
+        raise ValueError("sample: stop_strings needs decode, a function from token ids to text (e.g. tokenizer.decode)")
+    return list(stop_strings), decode, 4 * max(len(t) for t in stop_strings) + 4
 
 
 def _sample_rows(
@@ -256,6 +276,7 @@ def _sample_rows(
     eos: list[int],
     stops: list[list[int]],
     generator: torch.Generator | None,
+    texts: tuple[list[str], Callable[[list[int]], str], int] | None = None,
 ) -> tuple[list[list[int]], list[list[float]], list[str]]:
     """One batch of :func:`sample`: prompt i continued ``repeats[i]`` times."""
     device = next(model.parameters()).device
@@ -308,6 +329,11 @@ def _sample_rows(
         for s in stop_ids:
             if step + 1 >= len(s):
                 hit_stop |= (out_tokens[slot_row, step + 1 - len(s) : step + 1] == s).all(dim=1)
+        if texts is not None:
+            strings, decode, window = texts
+            tails = out_tokens[slot_row, max(0, step + 1 - window) : step + 1].tolist()
+            found = [alive and any(t in decode(tail) for t in strings) for alive, tail in zip(running.tolist(), tails)]
+            hit_stop |= torch.tensor(found, dtype=torch.bool, device=device)
         done = running & (hit_eos | hit_stop)
         end[slot_row[done]] = step + 1
         reason[slot_row[done & hit_eos]] = STOP_REASONS.index("eos")

@@ -152,6 +152,28 @@ def test_eos_and_stop_sequences_end_their_row_only(monkeypatch):
     assert selected and min(selected) < 4  # finished rows were dropped from the batch, the rest went on unchanged
 
 
+def test_stop_strings_found_across_token_boundaries():
+    """Each token decodes to two digits here, so a two-character stop string can straddle two tokens (which no
+    token-id sequence would match): the row ends with the token that completes the string's first occurrence."""
+    model = tiny_model()
+    prompts = prompts_of([5, 3, 6])
+
+    def decode(ids):
+        return "".join(f"{t:02d}" for t in ids)
+
+    free = sample(model, prompts, max_new_tokens=12, temperature=0.0, eos_token_id=[]).tokens
+    text = decode(free[0])
+    j = next(j for j in range(2, 11) if text.find(text[2 * j + 1 : 2 * j + 3]) == 2 * j + 1)
+    stop = text[2 * j + 1 : 2 * j + 3]  # the second digit of token j and the first of token j + 1
+    out = sample(model, prompts, max_new_tokens=12, temperature=0.0, eos_token_id=[], stop_strings=[stop],
+                 decode=decode)
+    for row, toks in enumerate(out.tokens):
+        first = decode(free[row]).find(stop)
+        n = 12 if first < 0 else (first + len(stop) - 1) // 2 + 1
+        assert toks == free[row][:n] and out.stop_reason[row] == ("length" if first < 0 else "stop"), row
+    assert len(out.tokens[0]) == j + 2 and out.stop_reason[0] == "stop"
+
+
 def test_max_new_tokens_zero_and_one():
     model = tiny_model()
     out = sample(model, prompts_of([2, 4]), k=2, max_new_tokens=0)
@@ -172,6 +194,9 @@ def test_max_new_tokens_zero_and_one():
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(batch_size=0), "batch_size must be an int >= 1"),
     (dict(stop_sequences=[[]]), r"stop_sequences\[0\] is empty"),
+    (dict(stop_strings=["</answer>"]), "stop_strings needs decode"),
+    (dict(stop_strings="</answer>", decode=str), "stop_strings must be a list of strings"),
+    (dict(stop_strings=[""], decode=str), r"stop_strings\[0\] must be a non-empty string"),
 ])
 def test_bad_arguments(kwargs, message):
     model = tiny_model()
