@@ -168,7 +168,8 @@ def _token_lists(name: str, seqs: object, vocab_size: int) -> list[list[int]]:
     for i, seq in enumerate(seqs):
         if isinstance(seq, Tensor):
             if seq.dim() != 1 or seq.dtype not in INDEX_DTYPES:
-                raise TypeError(f"sample: {name}[{i}] must be a 1-D int tensor or a list of ints, got {seq.dtype} {tuple(seq.shape)}")
+                raise TypeError(f"sample: {name}[{i}] must be a 1-D int tensor or a list of ints, "
+                                f"got {seq.dtype} {tuple(seq.shape)}")
             seq = seq.tolist()
         if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
             raise TypeError(f"sample: {name}[{i}] must be a list of token ids, got {type(seq).__name__}")
@@ -209,9 +210,10 @@ def sample(
     inside the completion only, kept in ``tokens``) or once its decoded text
     contains one of ``stop_strings`` (checked on ``decode(ids)`` of the last
     tokens each step, so a string is found however the tokenizer split it; the
-    row ends with the token that completed it), else after ``max_new_tokens``. ``temperature`` 0 is greedy; otherwise the draw is
-    from the temperature-scaled distribution cut to its top-p nucleus. The
-    returned log-probs are always those of the unmodified policy (see
+    row ends with the token that completed it), else after ``max_new_tokens``.
+    ``temperature`` 0 is greedy; otherwise the draw is from the
+    temperature-scaled distribution cut to its top-p nucleus. The returned
+    log-probs are always those of the unmodified policy (see
     :class:`Samples`). Same ``generator`` seed and arguments: same samples
     (the generator lives on the model's device).
     """

@@ -207,7 +207,8 @@ def _field(spec: Mapping, name: str, kind: type | tuple, where: str) -> Any:
 def _counted(count: int, spec: Mapping, where: str) -> bool:
     relation = str(_field(spec, "relation", str, where)).replace(" ", "_")
     if relation not in _RELATIONS:
-        raise ValueError(f"ifeval verifier: {where} field 'relation' must be one of {sorted(_RELATIONS)}, got {spec['relation']!r}")
+        raise ValueError(f"ifeval verifier: {where} field 'relation' must be one of {sorted(_RELATIONS)}, "
+                         f"got {spec['relation']!r}")
     n = _field(spec, "n", int, where)
     return _RELATIONS[relation](count, n)
 
@@ -228,7 +229,8 @@ def count_sentences(text: str) -> int:
 def _words(spec: Mapping, name: str, where: str) -> list[str]:
     words = _field(spec, name, list, where)
     if not words or not all(isinstance(w, str) and w.strip() for w in words):
-        raise ValueError(f"ifeval verifier: {where} field {name!r} must be a non-empty list of non-empty strings, got {words!r}")
+        raise ValueError(f"ifeval verifier: {where} field {name!r} must be a non-empty list of non-empty strings, "
+                         f"got {words!r}")
     return words
 
 
@@ -308,7 +310,8 @@ def ifeval_constraints(reference: Any) -> list[Mapping]:
             raise ValueError(f"ifeval verifier: the reference is a string but not JSON: {reference[:80]!r}") from None
     specs = [reference] if isinstance(reference, Mapping) else reference
     if not isinstance(specs, list) or not specs or not all(isinstance(s, Mapping) for s in specs):
-        raise ValueError(f"ifeval verifier: the reference must be a constraint dict or a non-empty list of them, got {reference!r}")
+        raise ValueError(f"ifeval verifier: the reference must be a constraint dict or a non-empty list of them, "
+                         f"got {reference!r}")
     specs = list(specs)
     for i, spec in enumerate(specs):
         if "type" not in spec and "func_name" in spec:
@@ -344,7 +347,8 @@ def register_verifier(name: str, fn: Verifier | None = None, *, replace: bool = 
 
     def add(f: Verifier) -> Verifier:
         if not callable(f):
-            raise TypeError(f"register_verifier: {name!r} must be given a function (completion, reference), got {type(f).__name__}")
+            raise TypeError(f"register_verifier: {name!r} must be given a function (completion, reference), "
+                            f"got {type(f).__name__}")
         if name in VERIFIERS and not replace and VERIFIERS[name] is not f:
             raise ValueError(f"register_verifier: {name!r} is already registered; pass replace=True to replace it")
         VERIFIERS[name] = f
