@@ -348,27 +348,45 @@ class Olmo2ForCausalLM(nn.Module):
         self.init_weights()
 
     # ------------------------------------------------------------------ construction
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """OLMo 2 initialization: every linear and the embedding from a normal with
-        std ``initializer_range`` (0.02) truncated at +-3 std, no depth scaling;
-        norm weights 1.
+    def parameter_init(self) -> dict[str, tuple[str, float]]:
+        """How OLMo 2 initializes each parameter, by name (as ``named_parameters``
+        spells it for this module tree): ``("trunc_normal", std)``, a normal with std
+        ``initializer_range`` (0.02) truncated at +-3 std, for every linear and the
+        embedding (no depth scaling); ``("ones", 0.0)`` for the norm weights.
 
-        Values are drawn in fp32 whatever the parameter dtype, in module order,
-        so a seed (or ``generator``) gives the same model in any dtype. A no-op
-        on the meta device.
+        The one description that :meth:`init_weights` (sequential, one generator)
+        and the sharded initialization (``olmo2.train.init``: keyed by name and
+        row, the same for any number of ranks) both follow.
         """
         std = self.config.initializer_range
-        for module in self.modules():
+        spec: dict[str, tuple[str, float]] = {}
+        for prefix, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                weight = module.weight
-                if weight.is_meta:
-                    continue
-                values = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-                nn.init.trunc_normal_(values, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
-                weight.copy_(values)
-            elif isinstance(module, RMSNorm) and not module.weight.is_meta:
-                module.weight.fill_(1.0)
+                spec[f"{prefix}.weight"] = ("trunc_normal", std)
+            elif isinstance(module, RMSNorm):
+                spec[f"{prefix}.weight"] = ("ones", 0.0)
+        return spec
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialize as :meth:`parameter_init` says, drawing from one generator.
+
+        Values are drawn in fp32 whatever the parameter dtype, in parameter order,
+        so a seed (or ``generator``) gives the same model in any dtype. Meta
+        parameters are skipped. (The trainer initializes with the sharded scheme
+        of ``olmo2.train.init`` instead, whose values do not depend on the ranks.)
+        """
+        spec = self.parameter_init()
+        for name, param in self.named_parameters():
+            if param.is_meta:
+                continue
+            kind, std = spec[name]
+            if kind == "ones":
+                param.fill_(1.0)
+                continue
+            values = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+            nn.init.trunc_normal_(values, mean=0.0, std=std, a=-3 * std, b=3 * std, generator=generator)
+            param.copy_(values)
 
     @classmethod
     def from_config(

@@ -200,12 +200,21 @@ class ParallelConfig:
     precision: str = "auto"
     # FSDP2 gradient reduction in fp32.
     reduce_fp32: bool = True
+    # FSDP2 shard group size: null shards over every rank; k makes it HSDP, sharding
+    # within groups of k consecutive ranks (e.g. one node) and replicating across
+    # world / k groups (k must divide the world size).
+    shard_degree: int | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in PARALLEL_STRATEGIES:
             raise ConfigError(f"parallel.strategy must be one of {PARALLEL_STRATEGIES}, got {self.strategy!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"parallel.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.shard_degree is not None:
+            _positive_int("parallel.shard_degree", self.shard_degree)
+            if self.strategy in ("ddp", "none") and self.shard_degree != 1:
+                raise ConfigError(f"parallel.shard_degree={self.shard_degree} needs parallel.strategy=fsdp "
+                                  f"(or auto), got {self.strategy!r}")
 
 
 @dataclass

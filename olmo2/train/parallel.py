@@ -6,6 +6,13 @@
 not change, and its state-dict names stay clean (the checkpoint code reads
 them through ``torch.distributed.checkpoint.state_dict``).
 
+FSDP2 shards over every rank by default; with ``parallel.shard_degree = k``
+(HSDP) it shards within groups of k consecutive ranks (a node, say) and
+replicates across the world / k groups: a 2-D mesh ("replicate", "shard"),
+given to ``fully_shard``, which then all-gathers and reduce-scatters within a
+group and all-reduces gradients across groups. Every rank is still one
+data-parallel rank (its own slice of the batch).
+
 Precision on GPU is bf16: with FSDP2 through its ``MixedPrecisionPolicy``
 (bf16 parameters in compute, fp32 master weights and gradient reduction),
 otherwise through ``torch.autocast``. On CPU everything is fp32.
@@ -133,13 +140,45 @@ def _fsdp_api():
     return fully_shard, MixedPrecisionPolicy
 
 
-def apply_fsdp(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None,
-               reduce_dtype: torch.dtype | None) -> nn.Module:
-    """FSDP2: shard each block, then the root (embedding, final norm, LM head)."""
+def check_shard_degree(shard_degree: int | None, world_size: int, strategy: str) -> None:
+    """A ``parallel.shard_degree`` that this world and (resolved) strategy can use, else ValueError."""
+    if shard_degree is None:
+        return
+    if strategy != "fsdp" and shard_degree != 1:
+        raise ValueError(f"parallel.shard_degree={shard_degree} needs parallel.strategy=fsdp (HSDP shards with "
+                         f"FSDP2 and replicates across groups), but the strategy is {strategy!r} with "
+                         f"{world_size} rank(s)")
+    if world_size % shard_degree:
+        raise ValueError(f"parallel.shard_degree={shard_degree} must divide the world size ({world_size} ranks) "
+                         f"into replicate groups of equal size")
+
+
+def fsdp_mesh_shape(world_size: int, shard_degree: int | None) -> tuple[int, ...]:
+    """(world,) for flat FSDP; (replicate, shard) = (world / k, k) for HSDP with k < world."""
+    if shard_degree is None or shard_degree == world_size:
+        return (world_size,)
+    return (world_size // shard_degree, shard_degree)
+
+
+def fsdp_mesh(device_type: str, shard_degree: int | None = None):
+    """The device mesh FSDP2 shards over: 1-D ("shard",) over every rank, or the
+    2-D ("replicate", "shard") mesh of HSDP; ranks r with the same r // k share
+    a shard group (consecutive ranks: one node when k is the GPUs per node)."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    world = dist.get_world_size()
+    check_shard_degree(shard_degree, world, "fsdp")
+    shape = fsdp_mesh_shape(world, shard_degree)
+    names = ("shard",) if len(shape) == 1 else ("replicate", "shard")
+    return init_device_mesh(device_type, shape, mesh_dim_names=names)
+
+
+def apply_fsdp(model: nn.Module, device: torch.device, param_dtype: torch.dtype | None,
+               reduce_dtype: torch.dtype | None, shard_degree: int | None = None) -> nn.Module:
+    """FSDP2 (HSDP with ``shard_degree`` < world): shard each block, then the root
+    (embedding, final norm, LM head)."""
     fully_shard, MixedPrecisionPolicy = _fsdp_api()
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = fsdp_mesh(device.type, shard_degree)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     layers = _blocks(model)
     for i, block in enumerate(layers):
@@ -172,10 +211,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def parallelize(model: nn.Module, strategy: str, device: torch.device, precision: str,
                 activation_checkpointing: bool = False, compile: bool = False,
-                reduce_fp32: bool = True) -> nn.Module:
+                reduce_fp32: bool = True, shard_degree: int | None = None) -> nn.Module:
     """Apply activation checkpointing, compile and the data-parallel ``strategy``
-    ("fsdp", "ddp", "none") to ``model`` (already on ``device`` or on meta for FSDP);
-    returns the module to call."""
+    ("fsdp", "ddp", "none") to ``model`` (already on ``device`` or on meta for FSDP;
+    ``shard_degree``: FSDP's shard group size, None for all ranks); returns the
+    module to call."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -183,7 +223,7 @@ def parallelize(model: nn.Module, strategy: str, device: torch.device, precision
     if strategy == "fsdp":
         bf16 = precision == "bf16"
         return apply_fsdp(model, device, torch.bfloat16 if bf16 else None,
-                          torch.float32 if (bf16 and reduce_fp32) else None)
+                          torch.float32 if (bf16 and reduce_fp32) else None, shard_degree)
     if strategy == "ddp":
         return apply_ddp(model, device)
     if strategy == "none":

@@ -48,14 +48,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 import olmo2_kernels
 
 from ..byte_tokenizer import ByteTokenizer
 from ..config import flops_per_token, num_parameters
 from ..hardware import peak_flops
-from ..model import IGNORE_INDEX, Olmo2ForCausalLM
+from ..model import IGNORE_INDEX
 from ..tokenizers import NAMES as SHIPPED_TOKENIZERS
 from ..tokenizers import save_tokenizer
 from . import checkpoint as ckpt
@@ -63,15 +62,16 @@ from .config import ConfigError, TrainConfig
 from .corpus import default_cache_dir, stdlib_corpus
 from .data import EvalData, TokenSource, TrainData, sidecar_tokenizer
 from .evaluation import DownstreamEvaluator
+from .init import build_model
 from .metrics import StepResult, TrainMetrics
 from .optim import LRSchedule, build_adamw, clip_grad_norm_, set_lr
 from .parallel import (
     DistInfo,
     all_reduce_sum,
     autocast_context,
+    check_shard_degree,
     init_distributed,
     no_grad_sync,
-    parallelize,
     resolve_precision,
     resolve_strategy,
     unwrap,
@@ -116,6 +116,10 @@ class Trainer:
         self.device = self.dist.device
         self.strategy = resolve_strategy(cfg.parallel.strategy, self.dist.world_size)
         self.precision = resolve_precision(cfg.parallel.precision, self.device)
+        try:
+            check_shard_degree(cfg.parallel.shard_degree, self.dist.world_size, self.strategy)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.precision == "bf16" and self.device.type == "cpu":
             raise ConfigError("parallel.precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
         self.grad_accum = cfg.grad_accum_steps(self.dist.world_size)
@@ -273,24 +277,13 @@ class Trainer:
         return str(path)
 
     def _build_model(self) -> torch.nn.Module:
-        cfg = self.cfg
-        if self.strategy == "fsdp":
-            # Every rank builds on meta and shards; rank 0 initializes the full
-            # model on the host with the seed and broadcasts it into the shards,
-            # so the weights are the same for any number of ranks.
-            model = Olmo2ForCausalLM.from_config(cfg.model, device="meta")
-            model = parallelize(model, "fsdp", self.device, self.precision, cfg.parallel.activation_checkpointing,
-                                cfg.parallel.compile, cfg.parallel.reduce_fp32)
-            model.to_empty(device=self.device)
-            full = {}
-            if self.dist.is_main:
-                full = Olmo2ForCausalLM.from_config(cfg.model, device="cpu").state_dict()
-            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
-                                                                       broadcast_from_rank0=True))
-            return model
-        model = Olmo2ForCausalLM.from_config(cfg.model, device=self.device)
-        return parallelize(model, self.strategy, self.device, self.precision, cfg.parallel.activation_checkpointing,
-                           cfg.parallel.compile, cfg.parallel.reduce_fp32)
+        # Built on meta, parallelized, then each rank allocates and initializes only
+        # its own shards (olmo2.train.init): the same weights for any number of ranks
+        # and any mesh, and no rank ever holds the full model.
+        cfg, par = self.cfg, self.cfg.parallel
+        return build_model(cfg.model, self.strategy, self.device, self.precision, cfg.seed,
+                           activation_checkpointing=par.activation_checkpointing, compile=par.compile,
+                           reduce_fp32=par.reduce_fp32, shard_degree=par.shard_degree)
 
     def _apply_optim_hparams(self) -> None:
         """The config's AdamW settings win over those a loaded checkpoint carried."""
