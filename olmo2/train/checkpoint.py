@@ -48,6 +48,14 @@ next to the minutes of writing it. Checkpoints written before manifests existed
 load with a warning, after a structural check (DCP metadata readable, every
 shard as long as the metadata says).
 Nothing is saved from non-finite state (:func:`save_checkpoint` checks first).
+
+Saving in the background (``checkpoint.async_save``; :func:`save_checkpoint_async`,
+:class:`Checkpointer`): the model and optimizer state is copied into host memory
+while training waits (DCP's stager), then written by a background thread while
+training goes on; the temporary folder, manifest, rename and ``latest`` are as
+above and happen only once every rank's write is complete, so a crash or an
+error during the write leaves the previous checkpoint as it was. At most one
+save is in flight; a failure stops the run at the next step with one line.
 """
 from __future__ import annotations
 
@@ -59,6 +67,8 @@ import re
 import shutil
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any, Callable
 
@@ -376,68 +386,160 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     Refuses (:class:`NonFiniteStateError`) when the weights or the optimizer
     state hold NaN or infinity. Returns the final folder.
     """
+    root, tmp, final = _begin_save(root, step, model, optimizer)
+    record = _trainer_record(step, trainer_state)
+    try:
+        state = _train_state_dicts(model, optimizer)
+        with _quiet_dcp():
+            _dcp().save(state, checkpoint_id=str(tmp / STATE_DIR))
+        torch.save(rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            _write_rest(tmp, record, config_yaml, tokenizer_json)
+    except BaseException as exc:
+        _discard(tmp, exc)
+    if _rank() == 0:
+        _publish(root, tmp, final, keep_last)
+    _barrier()
+    return final
+
+
+def _begin_save(root: str | os.PathLike, step: int, model: nn.Module,
+                optimizer: torch.optim.Optimizer | None) -> tuple[Path, Path, Path]:
+    """Refuse non-finite state; rank 0 makes an empty temporary folder (collective)."""
     root = Path(root)
     bad = first_nonfinite(model, optimizer)
     if bad is not None:
         raise NonFiniteStateError(f"step {step}: {bad} holds NaN or infinity; not saving a checkpoint of it ({root})")
-    rank = _rank()
     name = step_dirname(step)
-    final = root / name
     tmp = root / f".tmp-{name}"
     try:
-        if rank == 0:
+        if _rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a crash during an earlier save
             (tmp / "rng").mkdir(parents=True)
-        _barrier()
+    except BaseException as exc:
+        _discard(tmp, exc)
+    _barrier()
+    return root, tmp, root / name
 
+
+def _trainer_record(step: int, trainer_state: dict[str, Any]) -> dict[str, Any]:
+    """trainer.json's content, a copy taken now (the trainer moves on while an async save writes it)."""
+    return json.loads(json.dumps({"format_version": FORMAT_VERSION, "step": step, "world_size": _world(),
+                                  "saved_at": time.time(), "finite": True, **trainer_state}))
+
+
+def _write_rest(tmp: Path, record: dict[str, Any], config_yaml: str | None,
+                tokenizer_json: str | os.PathLike | None) -> None:
+    """Rank 0, after every rank's state and RNG are written: the small files, then the manifest."""
+    write_json(tmp / TRAINER_FILE, record)
+    if config_yaml is not None:
+        _write_text(tmp / CONFIG_FILE, config_yaml)
+    if tokenizer_json is not None:
+        atomic_copy(tokenizer_json, tmp / TOKENIZER_FILE)
+    write_manifest(tmp)  # last: a folder with a valid manifest is complete
+    fsync_dir(tmp)
+
+
+def _discard(tmp: Path, exc: BaseException) -> None:
+    """A failed save: rank 0 removes the incomplete folder (freeing its space); re-raise,
+    as the disk-full error naming the folder when that is the cause."""
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    full = disk_full_error(_unwrap(exc), tmp)
+    if full is not None:
+        raise full from None
+    raise exc
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rank 0: rename the complete folder into place, point ``latest`` at it, prune."""
+    name = final.name
+    if final.exists():
+        # Re-saving a step (after resuming from an earlier one): swap, then drop the old copy.
+        old = root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    _write_text(root / LATEST, name + "\n")
+    fsync_dir(root)
+    if keep_last > 0:
+        prune_checkpoints(root, keep_last)
+
+
+# ---------------------------------------------------------------------- async save
+class AsyncSave:
+    """One checkpoint being written in the background (:func:`save_checkpoint_async`).
+
+    ``future`` resolves to the final folder once this rank's part is written
+    (on rank 0: once the checkpoint is complete, manifest and rename
+    included), or raises what went wrong.
+    """
+
+    def __init__(self, step: int, tmp: Path, final: Path, future: Future) -> None:
+        self.step = step
+        self.tmp = tmp
+        self.final = final
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def failed(self) -> bool:
+        return self.future.done() and self.future.exception() is not None
+
+
+def save_checkpoint_async(root: str | os.PathLike, step: int, model: nn.Module,
+                          optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any],
+                          executor: ThreadPoolExecutor, config_yaml: str | None = None, keep_last: int = 0,
+                          tokenizer_json: str | os.PathLike | None = None,
+                          process_group: dist.ProcessGroup | None = None) -> AsyncSave:
+    """Start writing checkpoint ``step`` in the background (collective); returns at once.
+
+    In the caller's thread: the finiteness check, the temporary folder, the
+    trainer record and RNG file (small), and a copy of the model and optimizer
+    state into host memory (:func:`torch.distributed.checkpoint.async_save`'s
+    stager), so training may change them right after. In ``executor``'s
+    thread: DCP writes the copy (its collectives on ``process_group``, a gloo
+    group other than the one training uses), then rank 0, once DCP's last
+    collective says every rank's shards are written, adds trainer.json,
+    config, tokenizer and manifest and renames the folder into place, as
+    :func:`save_checkpoint` does. A failure removes the temporary folder and
+    leaves the older checkpoints as they were; it is raised by ``future``.
+    """
+    root, tmp, final = _begin_save(root, step, model, optimizer)
+    record = _trainer_record(step, trainer_state)
+    if _world() == 1:
+        # DCP's writer thread warns that it saves in one process, which is intended; the
+        # filter must outlive this call (a catch_warnings block would end before the thread runs).
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized, "
+                                                  r"assuming the intent is to save in a single process")
+    try:
+        torch.save(rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
         state = _train_state_dicts(model, optimizer)
         with _quiet_dcp():
-            _dcp().save(state, checkpoint_id=str(tmp / STATE_DIR))
-        torch.save(rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
-        _barrier()
-
-        if rank == 0:
-            record = {
-                "format_version": FORMAT_VERSION,
-                "step": step,
-                "world_size": _world(),
-                "saved_at": time.time(),
-                "finite": True,
-                **trainer_state,
-            }
-            write_json(tmp / TRAINER_FILE, record)
-            if config_yaml is not None:
-                _write_text(tmp / CONFIG_FILE, config_yaml)
-            if tokenizer_json is not None:
-                atomic_copy(tokenizer_json, tmp / TOKENIZER_FILE)
-            write_manifest(tmp)  # last: a folder with a valid manifest is complete
-            fsync_dir(tmp)
+            written = _dcp().async_save(state, checkpoint_id=str(tmp / STATE_DIR), process_group=process_group,
+                                        no_dist=_world() == 1)
     except BaseException as exc:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # incomplete; frees the space it took
-        full = disk_full_error(_unwrap(exc), tmp)
-        if full is not None:
-            raise full from None
-        raise
+        _discard(tmp, exc)
 
-    if rank == 0:
-        if final.exists():
-            # Re-saving a step (after resuming from an earlier one): swap, then drop the old copy.
-            old = root / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(root)
-        _write_text(root / LATEST, name + "\n")
-        fsync_dir(root)
-        if keep_last > 0:
-            prune_checkpoints(root, keep_last)
-    _barrier()
-    return final
+    def finish() -> Path:
+        try:
+            written.result()
+            if _rank() == 0:
+                _write_rest(tmp, record, config_yaml, tokenizer_json)
+        except BaseException as exc:
+            _discard(tmp, exc)
+        if _rank() == 0:
+            _publish(root, tmp, final, keep_last)
+        return final
+
+    return AsyncSave(step, tmp, final, executor.submit(finish))
 
 
 def _saved_finite(path: Path) -> bool:
@@ -675,6 +777,16 @@ class Checkpointer:
     ``tokenizer_json`` the tokenizer copied into it, ``hold()`` says why no
     checkpoint may be saved now (steps being skipped as non-finite) or None,
     and ``log`` receives one line per checkpoint written or held back.
+
+    With ``checkpoint.async_save`` (default: on when the model is on a GPU) the
+    interval saves are written in the background (:func:`save_checkpoint_async`):
+    at most one in flight, a new save waiting for the previous one; the final
+    save, the save on a signal and :meth:`close` wait for it. :meth:`poll`
+    (each step, from :meth:`maybe_save`) learns when it is done, and raises
+    :class:`CheckpointError` on every rank at the same step when it failed on
+    any (the previous checkpoint is intact). With several ranks the ranks agree
+    through a small all-reduce on a gloo group of their own, once per step
+    while a save is in flight; DCP's background collectives use another.
     """
 
     def __init__(self, root: str | os.PathLike, cfg: CheckpointConfig, max_steps: int, model: nn.Module,
@@ -692,8 +804,18 @@ class Checkpointer:
         self.tokenizer_json = tokenizer_json
         self.hold = hold
         self.last_saved: int | None = None
+        self.async_save = cfg.async_save if cfg.async_save is not None else _on_gpu(model)
+        self.pending: AsyncSave | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._write_group = self._poll_group = None
+        if self.async_save and _world() > 1:
+            # Collective: every rank builds its Checkpointer at the same point.
+            self._write_group = dist.new_group(backend="gloo")
+            self._poll_group = dist.new_group(backend="gloo")
 
     def save(self, step: int) -> Path:
+        """Save step ``step`` now and wait for it (after any save in flight)."""
+        self.wait()
         path = save_checkpoint(self.root, step, self.model, self.optimizer, self.state(),
                                config_yaml=self.config_yaml, keep_last=self.cfg.keep_last,
                                tokenizer_json=self.tokenizer_json)
@@ -701,23 +823,99 @@ class Checkpointer:
         self.log(f"step {step}: checkpoint {path}")
         return path
 
+    def start_save(self, step: int) -> Path:
+        """Save step ``step`` in the background (after any save in flight); its final folder."""
+        self.wait()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="olmo2-checkpoint")
+        self.pending = save_checkpoint_async(self.root, step, self.model, self.optimizer, self.state(),
+                                             self._executor, config_yaml=self.config_yaml,
+                                             keep_last=self.cfg.keep_last, tokenizer_json=self.tokenizer_json,
+                                             process_group=self._write_group)
+        self.last_saved = step
+        return self.pending.final
+
+    def _agree(self, done: bool, failed: bool) -> tuple[bool, bool]:
+        """(every rank done, some rank failed)."""
+        if self._poll_group is None:
+            return done, failed
+        flags = torch.tensor([int(done), int(failed)], dtype=torch.int64)
+        dist.all_reduce(flags, group=self._poll_group)
+        return int(flags[0]) == _world(), int(flags[1]) > 0
+
+    def _fail(self, pending: AsyncSave) -> None:
+        self.pending = None
+        try:
+            pending.future.result()
+            cause = "it failed on another rank"
+        except BaseException as exc:  # noqa: BLE001 - reported as one line below
+            cause = _first_line(exc)
+        raise CheckpointError(
+            f"step {pending.step}: saving checkpoint {pending.final.name} in the background failed ({cause}); "
+            f"stopping; the newest complete checkpoint is {self.newest()} ({pending.tmp})", pending.final)
+
+    def _finished(self, pending: AsyncSave) -> None:
+        self.pending = None
+        self.log(f"step {pending.step}: checkpoint {pending.final} (written in the background)")
+
+    def poll(self) -> None:
+        """Collective while a save is in flight: note it done, or raise when it failed."""
+        pending = self.pending
+        if pending is None:
+            return
+        all_done, failed = self._agree(pending.done(), pending.failed())
+        if failed:
+            self._fail(pending)
+        if all_done:
+            self._finished(pending)
+
+    def wait(self) -> None:
+        """Collective: wait for the save in flight; raise (every rank) when it failed."""
+        pending = self.pending
+        if pending is None:
+            return
+        futures_wait([pending.future])
+        _, failed = self._agree(True, pending.failed())
+        if failed:
+            self._fail(pending)
+        self._finished(pending)
+
+    def close(self) -> None:
+        """Local, for shutdown (also after an error; no collective): wait for the save in
+        flight, saying how it ended."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            futures_wait([pending.future])
+            if pending.failed():
+                self.log(f"error: step {pending.step}: saving checkpoint {pending.final.name} in the background "
+                         f"failed ({_first_line(pending.future.exception())}); the newest complete checkpoint is "
+                         f"{self.newest()}")
+            else:
+                self.log(f"step {pending.step}: checkpoint {pending.final} (written in the background)")
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
     def newest(self) -> Path | None:
         found = list_checkpoints(self.root)
         return found[-1][1] if found else None
 
     def maybe_save(self, step: int) -> Path | None:
         """Save at the interval's steps (the last step is left to :meth:`save_final`),
-        unless :attr:`hold` says not now."""
+        unless :attr:`hold` says not now; in the background with ``async_save``.
+        First learns whether a save in flight has finished (:meth:`poll`)."""
+        self.poll()
         if self.cfg.interval and step % self.cfg.interval == 0 and step < self.max_steps:
             reason = self.hold()
             if reason is not None:
                 self.log(f"step {step}: checkpoint not saved: {reason} (newest: {self.newest()})")
                 return None
-            return self.save(step)
+            return self.start_save(step) if self.async_save else self.save(step)
         return None
 
     def save_now(self, step: int) -> Path | None:
         """Save step ``step`` unless it was just saved or :attr:`hold` forbids it (then None)."""
+        self.wait()
         if step == 0 or self.hold() is not None:
             return None
         if self.last_saved == step:
@@ -728,6 +926,7 @@ class Checkpointer:
         """The checkpoint of the last step (saved unless it already exists); None when disabled.
         Raises :class:`olmo2.train.stability.NonFiniteLossError` when the last steps were
         non-finite (nothing is saved from them)."""
+        self.wait()
         if not self.cfg.save_final or step == 0:
             return None
         reason = self.hold()
@@ -740,3 +939,8 @@ class Checkpointer:
         if not have or have[-1][0] != step:
             return self.save(step)
         return self.root / step_dirname(step)
+
+
+def _on_gpu(model: nn.Module) -> bool:
+    param = next(model.parameters(), None)
+    return param is not None and param.device.type == "cuda"

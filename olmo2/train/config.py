@@ -230,6 +230,10 @@ class CheckpointConfig:
     # Check a checkpoint before loading it against its manifest: "checksum" (sizes and
     # sha256, about 2 s per GB per core) or "size" (sizes only).
     verify: str = "checksum"
+    # Write interval checkpoints in the background (state copied to host memory first,
+    # at most one save in flight; the final and signal saves wait). None: on for GPU
+    # runs, off on CPU (the state is in host memory already: a copy would double it).
+    async_save: bool | None = None
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint.interval", self.interval, minimum=0)

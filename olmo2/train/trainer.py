@@ -184,8 +184,14 @@ class Trainer:
             raise RunLockedError(problem)
 
     def close(self) -> None:
-        """Release the run folder (the trainer is done with it)."""
-        self.lock.release()
+        """Wait for a checkpoint being written in the background, then release the run
+        folder (the trainer is done with it)."""
+        checkpointer = getattr(self, "checkpointer", None)
+        try:
+            if checkpointer is not None:
+                checkpointer.close()
+        finally:
+            self.lock.release()
 
     @property
     def spikes(self) -> SpikeDetector | None:
