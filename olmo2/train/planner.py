@@ -75,8 +75,12 @@ Speed: ``flops_per_token`` (:func:`olmo2.config.flops_per_token`, the
 project's convention) times tokens per second equals ``mfu`` times the GPU's
 dense bf16 peak (:data:`olmo2.hardware.PEAK_BF16_FLOPS`). The default MFU,
 40%, is OLMo-core's reported figure for its OLMo 2 1B script on H100s, and
-close to what the published 7B throughput implies (about 10,000 tokens/s per
-H100: 46%, see :data:`DEFAULT_MFU`); it is an assumption, not a measurement.
+between what OLMo-core's published H100 throughputs imply at this FLOP count:
+7B about 10,000 tokens/s per GPU, 45%; 13B about 4,600, 39%. It is an
+assumption, not a measurement; ``--mfu`` changes it. The speed does not depend
+on the layout (communication time is not modelled). GPU memory is the vendor's
+figure (80 GB = 74.5 GiB); CUDA reports a little more as usable (79.1 GiB on an
+H100 80 GB), so the verdict keeps a margin.
 """
 from __future__ import annotations
 
