@@ -120,9 +120,11 @@ def test_the_distribution_is_olmo2s_truncated_normal():
 def test_single_process_model_ignores_wrappers_and_matches_the_description():
     config = Olmo2Config.preset("olmo2-test")
     plain = build_model(config, "none", CPU, "fp32", seed=3)
-    wrapped = build_model(config, "none", CPU, "fp32", seed=3, activation_checkpointing=True)
-    plain_state, wrapped_state = plain.state_dict(), wrapped.state_dict()
-    wrapped_state = {k.replace("._checkpoint_wrapped_module", ""): v for k, v in wrapped_state.items()}
+    wrapped = build_model(config, "none", CPU, "fp32", seed=3, activation_checkpointing=True, compile=True)
+    assert any("_orig_mod" in name and "_checkpoint_wrapped_module" in name for name, _ in wrapped.named_parameters())
+    plain_state = plain.state_dict()
+    wrapped_state = {k.replace("._orig_mod", "").replace("._checkpoint_wrapped_module", ""): v
+                     for k, v in wrapped.state_dict().items()}
     assert plain_state.keys() == wrapped_state.keys()
     for name, value in plain_state.items():
         assert torch.equal(value, wrapped_state[name]), name

@@ -14,18 +14,18 @@ CPU from its own ``torch.Generator`` seeded by :func:`block_seed` ``(seed,
 name, b)``. A rank fills rows ``[start, end)`` of the full tensor (FSDP2 shards
 dim 0, at any row) by drawing the blocks that overlap them and copying the
 overlap, so any shard boundary gives exactly the values of a single process
-that draws every block. The block size trades the per-block cost of seeding a
-generator (about 50 us) against the extra rows a rank draws at its two shard
-edges (at most two blocks per parameter): at 2**16 elements seeding costs
-about 3% of the drawing, and a 32B shard over 64 ranks draws about 5% more
-rows than it keeps.
+that draws every block. The block size trades the fixed cost of a block
+(seeding, a few small calls: about 0.1 ms, 6% of drawing 2**16 elements,
+measured on a loaded CPU) against the extra rows a rank draws at its two
+shard edges (at most two blocks per parameter): a rank of 32B over 64 draws
+0-3.2% more than it keeps (2% on average over the ranks; 0.2-0.4% over 8).
 
 The distribution is OLMo 2's (:meth:`olmo2.model.Olmo2ForCausalLM.parameter_init`):
 a normal with std 0.02 truncated at +-3 std, drawn here by rejection (normal
 samples, the ones outside the bounds redrawn in order from the same
-generator), which is exactly the truncated normal and about five times
-faster on CPU than the inverse-CDF draw of ``nn.init.trunc_normal_``; norm
-weights 1. The values differ from the model's sequential
+generator), which is exactly the truncated normal and 2.4 times faster on
+CPU than the inverse-CDF draw of ``nn.init.trunc_normal_`` (2**16-element
+blocks, one thread); norm weights 1. The values differ from the model's sequential
 :meth:`~olmo2.model.Olmo2ForCausalLM.init_weights` (one generator, parameter
 after parameter), which cannot be split across ranks.
 """
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable
 
 import torch
 from torch import nn
@@ -131,28 +130,32 @@ def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def init_parameters_(model: nn.Module, seed: int, spec: dict[str, tuple[str, float]] | None = None,
-                     names: Callable[[str], bool] | None = None) -> int:
+def init_parameters_(model: nn.Module, seed: int, spec: dict[str, tuple[str, float]] | None = None) -> int:
     """Initialize this rank's part of every parameter of ``model`` in place, keyed by
     ``seed`` and the clean parameter name, the same for any sharding; returns the
     number of elements written. ``spec``: name -> (kind, std), default the model's
-    :meth:`~olmo2.model.Olmo2ForCausalLM.parameter_init`; ``names``: only the
-    parameters it accepts (by clean name)."""
+    :meth:`~olmo2.model.Olmo2ForCausalLM.parameter_init`."""
     if spec is None:
         spec = {clean_name(k): v for k, v in model.parameter_init().items()}
     written = 0
-    for raw_name, param in model.named_parameters():
-        name = clean_name(raw_name)
-        if names is not None and not names(name):
-            continue
-        if name not in spec:
-            raise ValueError(f"init: no initialization is described for parameter {name}")
-        local, row_start = local_rows(param)
-        if local.is_meta:
-            raise ValueError(f"init: parameter {name} is on the meta device; allocate it first (to_empty)")
-        kind, std = spec[name]
-        fill_rows_(local, kind, std, seed, name, tuple(param.shape), row_start)
-        written += local.numel()
+    threads = torch.get_num_threads()
+    # One thread: the generator is serial anyway, and on 256 KiB blocks intra-op
+    # threads only add wake-ups (a 32B shard of 64 took 155 s with 2 threads and
+    # 12 s with 1 on a loaded 2-core machine). torchrun sets one thread per rank too.
+    torch.set_num_threads(1)
+    try:
+        for raw_name, param in model.named_parameters():
+            name = clean_name(raw_name)
+            if name not in spec:
+                raise ValueError(f"init: no initialization is described for parameter {name}")
+            local, row_start = local_rows(param)
+            if local.is_meta:
+                raise ValueError(f"init: parameter {name} is on the meta device; allocate it first (to_empty)")
+            kind, std = spec[name]
+            fill_rows_(local, kind, std, seed, name, tuple(param.shape), row_start)
+            written += local.numel()
+    finally:
+        torch.set_num_threads(threads)
     return written
 
 

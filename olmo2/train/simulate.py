@@ -20,8 +20,8 @@ With ``init`` the rank's shards are allocated on the CPU and initialized for
 real (:func:`olmo2.train.init.init_parameters_`); the peak resident memory that
 adds over the process before it (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``) is measured. For 32B over 64 ranks that is about
-2 GB and a few seconds per core; HSDP 8 x 8 would need 16 GB, so the default
-leaves shards on meta.
+2 GB and 10 s on one core of a loaded CPU; HSDP 8 x 8 would need 16 GB, so the
+default leaves shards on meta.
 """
 from __future__ import annotations
 
@@ -156,15 +156,12 @@ def simulate(cfg: TrainConfig, world: int, shard_degree: int | None = None, rank
         out["expected_param_bytes"] = expected_shard_bytes(config, shards, rank % shards)
 
         if init:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # as under torchrun; see olmo2.train.init
             before_kib = _status_kib("VmRSS")
             reset = _reset_peak_rss()
             start = time.perf_counter()
             sharded.to_empty(device="cpu")
             elements = init_parameters_(sharded, cfg.seed)
-            out["init_seconds"] = time.perf_counter() - start
-            torch.set_num_threads(threads)
+            out["init_seconds"] = time.perf_counter() - start  # one thread (see olmo2.train.init)
             peak_kib = _status_kib("VmHWM")
             out["init_elements"] = elements
             if before_kib is not None and peak_kib is not None:
