@@ -77,6 +77,7 @@ class RLConfig:
     truncated_reward: float | None = None  # reward of a completion cut at max_new_tokens (None: its verifier's)
     lr: float = 5e-7
     lr_schedule: str = "linear"  # linear decay to 0 over the run, or constant
+    warmup_ratio: float = 0.0  # share of the optimizer steps with a linear warmup (before either schedule)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     beta: float = 0.05  # KL coefficient (k3 estimator); 0: no reference model
@@ -94,6 +95,7 @@ class RLConfig:
     eval_data: str = ""  # prompt JSONL scored greedily every eval_interval steps (and before step 1)
     eval_interval: int = 0  # 0: only before the first and after the last step (when eval_data is set)
     eval_max_new_tokens: int = 0  # 0: max_new_tokens
+    eval_samples: int = 0  # also sample this many answers per eval prompt at `temperature` (sampled accuracy)
     save_interval: int = 50
     keep_last: int = 2
     checkpoint_dir: str = ""
@@ -105,9 +107,12 @@ class RLConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_interval", "keep_last", "hard_stop", "eval_interval", "eval_max_new_tokens",
+                     "eval_samples",
                      "sample_batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RLConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"RLConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr <= 0 or self.beta < 0 or not 0 < self.clip_eps < 1:
             raise ValueError(f"RLConfig: need lr > 0, beta >= 0 and 0 < clip_eps < 1, got lr={self.lr}, "
                              f"beta={self.beta}, clip_eps={self.clip_eps}")
@@ -144,7 +149,7 @@ PRESETS: dict[str, dict] = {
 }
 
 # Keys that decide what a resumed run computes, beyond olmo2.sft.RESUME_KEYS.
-RL_RESUME_KEYS = ("steps", "prompts_per_step", "k", "max_new_tokens", "temperature", "top_p", "beta", "clip_eps",
+RL_RESUME_KEYS = ("steps", "warmup_ratio", "prompts_per_step", "k", "max_new_tokens", "temperature", "top_p", "beta", "clip_eps",
                   "advantage_scale", "loss_aggregation", "old_logprobs", "ppo_epochs", "mini_batches",
                   "lr_schedule", "model", "truncated_reward", "stop_strings")
 
@@ -285,19 +290,49 @@ def greedy_completions(model, tokenizer, prompt_ids: list[list[int]], max_new_to
     return [tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True) for tokens in samples.tokens]
 
 
-def evaluate_prompts(model, tokenizer, prompts: list[Prompt], max_new_tokens: int) -> dict:
-    """Greedy verified accuracy (share with reward > 0) and mean reward on ``prompts``."""
+def evaluate_prompts(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, samples: int = 0,
+                     temperature: float = 1.0, seed: int = 0) -> dict:
+    """Greedy verified accuracy (share with reward > 0) and mean reward on ``prompts``; with
+    ``samples`` > 0 also ``sampled_accuracy``, the verified share of ``samples`` answers per
+    prompt drawn at ``temperature`` (pass@1 estimated by sampling, the quantity RL raises),
+    from a generator seeded with ``seed`` (the training sampler's state is not touched)."""
+    from ..generation import sample
     from .verifiers import reward as verify
 
     texts = greedy_completions(model, tokenizer, [p.ids for p in prompts], max_new_tokens)
     rewards = [float(verify(t, p.record)) for t, p in zip(texts, prompts)]
-    return {"accuracy": sum(r > 0 for r in rewards) / max(1, len(rewards)),
-            "reward": sum(rewards) / max(1, len(rewards)), "n": len(rewards),
-            "samples": [{"prompt": p.record.get("prompt") or p.record.get("messages"), "reference": p.record["reference"],
-                         "completion": t} for p, t in list(zip(prompts, texts))[:4]]}
+    result = {"accuracy": sum(r > 0 for r in rewards) / max(1, len(rewards)),
+              "reward": sum(rewards) / max(1, len(rewards)), "n": len(rewards),
+              "correct": [r > 0 for r in rewards],
+              "samples": [{"prompt": p.record.get("prompt") or p.record.get("messages"),
+                           "reference": p.record["reference"], "completion": t}
+                          for p, t in list(zip(prompts, texts))[:4]]}
+    if samples:
+        eos = tokenizer.token_to_id("<|endoftext|>")
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        drawn = sample(model, [p.ids for p in prompts], k=samples, max_new_tokens=max_new_tokens,
+                       temperature=temperature, eos_token_id=eos,
+                       generator=torch.Generator(device=device).manual_seed(seed))
+        model.train(was_training)
+        hits = [verify(tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True),
+                       prompts[drawn.prompt_index[i]].record) > 0 for i, tokens in enumerate(drawn.tokens)]
+        result["sampled_accuracy"] = sum(hits) / max(1, len(hits))
+        result["sampled_correct"] = [sum(hits[i * samples : (i + 1) * samples]) / samples
+                                     for i in range(len(prompts))]
+    return result
 
 
 # --------------------------------------------------------------------------- the loop
+def lr_scheduler(optimizer, total_updates: int, warmup_ratio: float, kind: str):
+    """Linear warmup over ``warmup_ratio`` of the updates, then linear decay to 0 or constant."""
+    if kind == "linear":
+        return linear_schedule(optimizer, total_updates, warmup_ratio)
+    warmup = max(1, math.ceil(total_updates * warmup_ratio)) if warmup_ratio > 0 else 0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+
 def _generator_state(g: torch.Generator) -> str:
     return base64.b64encode(g.get_state().numpy().tobytes()).decode("ascii")
 
@@ -360,8 +395,7 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_updates = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
-    scheduler = (linear_schedule(optimizer, total_updates, 0.0) if cfg.lr_schedule == "linear"
-                 else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
+    scheduler = lr_scheduler(optimizer, total_updates, cfg.warmup_ratio, cfg.lr_schedule)
     checkpointer = PostTrainCheckpointer(cfg, model, optimizer, scheduler, len(prompts), log)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
@@ -382,10 +416,13 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
     evals: dict[int, dict] = {}
 
     def run_eval(at: int) -> None:
-        result = evaluate_prompts(model, tokenizer, eval_prompts, eval_tokens)
+        result = evaluate_prompts(model, tokenizer, eval_prompts, eval_tokens, cfg.eval_samples, cfg.temperature,
+                                  seed=cfg.seed + 1)
         evals[at] = result
-        metrics.log(at, {"eval/accuracy": result["accuracy"], "eval/reward": result["reward"]})
-        log(f"eval at step {at}: accuracy {result['accuracy']:.3f} reward {result['reward']:.3f} on {result['n']}")
+        metrics.log(at, {f"eval/{k}": result[k] for k in ("accuracy", "reward", "sampled_accuracy") if k in result})
+        sampled = f" sampled_accuracy {result['sampled_accuracy']:.3f}" if "sampled_accuracy" in result else ""
+        log(f"eval at step {at}: accuracy {result['accuracy']:.3f}{sampled} reward {result['reward']:.3f} "
+            f"on {result['n']}")
 
     if eval_prompts and step == 0:
         run_eval(0)
