@@ -27,6 +27,7 @@ from olmo2.train.init import (
     trunc_normal_,
 )
 from olmo2.train.parallel import check_shard_degree, fsdp_mesh_shape
+from olmo2.train.simulate import main as simulate_main
 from olmo2.train.trainer import Trainer
 from test_train_utils import make_config
 
@@ -176,3 +177,10 @@ def test_shard_degree_mesh_and_errors(tmp_path, capsys):
     assert main(["--preset=test", "--parallel.strategy=ddp", "--parallel.shard_degree=2", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "parallel.shard_degree=2 needs parallel.strategy=fsdp" in err[0]
+    # The simulator refuses the same before it joins a (fake) process group.
+    assert simulate_main(["--preset=test", "--world=4", "--shard_degree=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m olmo2.train.simulate: parallel.shard_degree=3 must divide the world size (4 ranks) "
+                   "into replicate groups of equal size"]
+    assert simulate_main(["--preset=test", "--world=4", "--rank=4"]) == 2
+    assert capsys.readouterr().err.strip().endswith("rank must be in [0, 4), got 4")
