@@ -9,7 +9,8 @@
 #   quick          the whole first contact in one command: parts within $OLMO2_QUICK_BUDGET seconds
 #                  (default 430) and a summary (at most 30 s more): env; the build in the background
 #                  while the Triton verdict runs; the CUDA-extension verdict; kernel timings; the 1B
-#                  model step; torch.compile baselines last. Each part has its own time limit; a
+#                  model step; the 1B DPO step and RL sampling tokens/s; torch.compile baselines
+#                  last. Each part has its own time limit; a
 #                  failure is recorded and the rest still runs; quick_summary.txt says what passed.
 #                  --dry-run: the same parts on a CPU machine with tiny shapes (Triton interpreted,
 #                  the cpu backend for the extension), results under build/run_gpu_dry_run/; no build.
@@ -334,11 +335,12 @@ q_summary() {
 
 step_quick() {
   QUICK_BUDGET=${OLMO2_QUICK_BUDGET:-430}
-  [ "$DRY_RUN" = 1 ] && QUICK_BUDGET=${OLMO2_QUICK_BUDGET:-150}
+  [ "$DRY_RUN" = 1 ] && QUICK_BUDGET=${OLMO2_QUICK_BUDGET:-200}
   QUICK_T0=$SECONDS
   QUICK_DEADLINE=$((SECONDS + QUICK_BUDGET))
   KEEP_FILES=("$RESULTS/quick_summary.txt" "$RESULTS/verdict_triton.json" "$RESULTS/verdict_ext.json"
-              "$RESULTS/kernels_quick.json" "$RESULTS/model_quick.json" "$RESULTS/build.log" "$RESULTS/env.json")
+              "$RESULTS/kernels_quick.json" "$RESULTS/model_quick.json" "$RESULTS/dpo_quick.json"
+              "$RESULTS/generate_quick.json" "$RESULTS/build.log" "$RESULTS/env.json")
   local verdict_args bench_extra=() kernels_extra=() tokens=16384 budget=0.1 jobs=5 ext=cuda lim flash=0
   if [ "$DRY_RUN" = 1 ]; then
     # CPU: tiny shapes; Triton under its interpreter; the extension's C++ kernels stand in for its CUDA
@@ -395,6 +397,17 @@ step_quick() {
   else
     q_record model_quick_flash_attn skip 0 "not run: flash_attn not importable"
   fi
+
+  # 6. post-training: the 1B DPO step (fused log-probs vs materialized logits) and RL sampling tokens/s
+  JSONS+=("$RESULTS/dpo_quick.json" "$RESULTS/generate_quick.json")
+  lim=$(q_limit 75 0)
+  q_exec dpo_quick "$lim" "$PY" -m benchmarks dpo --no-plots --out "$RESULTS" --name dpo_quick \
+    ${bench_extra[@]+"${bench_extra[@]}"}
+  lim=$(q_limit 60 0)
+  local gen_batches=(--batch-sizes 1,32,128)
+  [ "$DRY_RUN" = 1 ] && gen_batches=()
+  q_exec generate_quick "$lim" "$PY" -m benchmarks generate ${gen_batches[@]+"${gen_batches[@]}"} --no-plots \
+    --out "$RESULTS" --name generate_quick ${bench_extra[@]+"${bench_extra[@]}"}
 
   # 4b. torch.compile baselines last: they compile per shape and take the longest for the least news
   lim=$(q_limit 150 0)
