@@ -9,12 +9,18 @@ custom ops of this package are re-dispatched with the tracker active, so the
 buffers allocated inside their implementations (chunk logits, accumulators)
 are counted too. Memory that does not go through torch ops (e.g. numpy arrays
 inside the Triton interpreter) is not seen.
+
+A DTensor (FSDP2's sharded parameters, gradients and optimizer state) is
+counted by its local tensor, not by the wrapper's logical size. With
+``follow_resize=True`` storages resized in place (``UntypedStorage.resize_``,
+which FSDP2 uses to free and re-allocate gathered parameters) are followed.
 """
 from __future__ import annotations
 
 import weakref
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -27,11 +33,41 @@ class PeakAllocations(TorchDispatchMode):
     ``mem.live`` is the number of tracked bytes still alive.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, follow_resize: bool = False) -> None:
         super().__init__()
         self._sizes: dict[int, int] = {}
         self.live = 0
         self.peak = 0
+        self.follow_resize = follow_resize
+        self._depth = 0
+        self._real_resize = None
+
+    def __enter__(self):
+        self._depth += 1  # re-entered around our own ops' implementations
+        if self.follow_resize and self._depth == 1:
+            self._real_resize = torch.UntypedStorage.resize_
+            tracker = self
+
+            def resize_(storage, nbytes):
+                before = storage.nbytes()
+                out = tracker._real_resize(storage, nbytes)
+                key = id(storage)
+                if key in tracker._sizes:
+                    delta = storage.nbytes() - before
+                    tracker._sizes[key] += delta
+                    tracker.live += delta
+                    tracker.peak = max(tracker.peak, tracker.live)
+                return out
+
+            torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0 and self._real_resize is not None:
+            torch.UntypedStorage.resize_ = self._real_resize
+            self._real_resize = None
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -47,13 +83,16 @@ class PeakAllocations(TorchDispatchMode):
             if ret.alias_info is not None:
                 continue
             for t in pytree.tree_leaves(value):
+                if isinstance(t, DTensor):
+                    t = t._local_tensor
                 if isinstance(t, torch.Tensor):
                     self._track(t.untyped_storage())
         return out
 
     def _track(self, storage: torch.UntypedStorage) -> None:
         nbytes = storage.nbytes()
-        key = storage.data_ptr()
+        # Storages keep their Python object while alive; its id survives a resize_ (data_ptr does not).
+        key = id(storage)
         if nbytes == 0 or key in self._sizes:
             return
         self._sizes[key] = nbytes

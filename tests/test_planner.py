@@ -11,9 +11,9 @@ checked against what torch allocates.
   (``tests/memtrack.py``: every op output from creation to the death of its
   storage, including inside our ops) over the trainer's construction and two
   steps, for the ``olmo2-test`` and ``olmo2-tiny`` models, with and without
-  gradient accumulation and activation checkpointing. FSDP on gloo is not
-  measured this way: FSDP2 frees gathered parameters by resizing their storage,
-  which the dispatcher-level tracker does not see.
+  gradient accumulation and activation checkpointing, in one process and with
+  FSDP2 on two gloo ranks (the tracker then follows FSDP2's storage resizes and
+  counts DTensors by their local shards).
 """
 from __future__ import annotations
 
@@ -156,6 +156,48 @@ def test_total_within_10_percent_of_measured_peak(tmp_path, case):
             trainer.close()
     plan = plan_memory(cfg, world_size=1, gpu="cpu")
     assert abs(plan.total / mem.peak - 1) < 0.10, (case, plan.total, mem.peak, plan.moments)
+
+
+def _fsdp_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    import os
+
+    from olmo2.train.parallel import init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    for case in FSDP_CASES:
+        cfg = make_config(Path(tmp) / case, **{"checkpoint.save_final": False, "parallel.strategy": "fsdp",
+                                               **CASES[case], **FSDP_CASES[case]})
+        # follow_resize: FSDP2 frees and re-allocates gathered parameters by resizing their storage.
+        with PeakAllocations(follow_resize=True) as mem:
+            trainer = Trainer(cfg, info)
+            try:
+                data = iter(trainer.train_data)
+                for _ in range(2):
+                    trainer.train_step(next(data))
+            finally:
+                trainer.close()
+        plan = plan_memory(cfg, world_size=world, gpu="cpu", rank=rank)
+        (Path(tmp) / f"{case}.rank{rank}").write_text(f"{mem.peak} {plan.total}")
+
+
+# The global batch doubles: each of the two ranks runs the one-process case's micro-batches.
+FSDP_CASES = {"test": {"global_batch_tokens": 2 * 4 * 32}, "tiny": {"global_batch_tokens": 2 * 4 * 128}}
+
+
+@pytest.mark.slow
+def test_total_within_10_percent_of_measured_peak_fsdp_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    from test_distributed import _free_port
+
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for case in FSDP_CASES:
+        for rank in range(2):
+            measured, planned = map(int, (tmp_path / f"{case}.rank{rank}").read_text().split())
+            assert abs(planned / measured - 1) < 0.10, (case, rank, planned, measured)
 
 
 # ---------------------------------------------------------------------- speed, fit, errors
