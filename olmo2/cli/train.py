@@ -3,6 +3,7 @@
     olmo2-train                                  # the tiny default on the built-in corpus (CPU, minutes)
     olmo2-train --config configs/x.yaml --optim.lr=1e-3 --dry-run
     torchrun --nproc_per_node=8 -m olmo2.train --preset=olmo2-1b --data.sources='[{paths: [data/*.npy]}]'
+    olmo2-train --config configs/olmo2-13b-stage1.yaml --plan --nodes 8 --gpus-per-node 8 --gpu h100
 
 Expected errors (a bad config value, a refused resume, a damaged checkpoint, a
 locked run folder, a full disk, an unavailable device or backend) print one
@@ -10,6 +11,8 @@ line on stderr, ``olmo2-train: <what> (<path>)``, and exit 2; ``--debug`` or
 ``OLMO2_DEBUG=1`` adds the traceback. SIGINT/SIGTERM finish the step, save a
 checkpoint and exit 130/143 (128 + the signal); a second signal stops at once,
 with the same code. Exit codes: 0 done, 2 error, 130 SIGINT, 143 SIGTERM.
+``--plan`` prints the per-GPU memory and expected speed of the resolved config
+(:mod:`olmo2.train.planner`) and exits 0 without training.
 """
 from __future__ import annotations
 
