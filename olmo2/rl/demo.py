@@ -114,7 +114,7 @@ def plot(run_dir: Path, out: Path, smooth: int = 5) -> None:
         if values:
             ax3.plot(steps, values, lw=1, color=color, label=key)
     ax3.set_xlabel("step")
-    ax3.set_title("entropy estimate and KL per token")
+    ax3.set_title("entropy estimate" + (" and KL" if column(records, "kl")[1] else "") + " per token")
     ax3.legend(loc="upper right", fontsize=8)
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
