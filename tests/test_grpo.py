@@ -142,6 +142,16 @@ def test_beta_zero_without_reference_and_kl_needs_it():
         grpo_loss(lp, lp.detach(), None, torch.zeros(4), w, mask, beta=0.1)
 
 
+def test_kl_of_a_token_the_policy_ruled_out_stays_finite():
+    logps = torch.tensor([[-120.0, -0.5]], requires_grad=True)  # ref - logp = 119.5: exp() overflows fp32
+    ref = torch.tensor([[-0.5, -0.5]])
+    mask = torch.tensor([[True, True]])
+    loss, stats = grpo_loss(logps, logps.detach(), ref, torch.zeros(1), torch.tensor([0.5]), mask, beta=0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logps.grad).all() and torch.isfinite(stats["kl"])
+    assert stats["kl"] == pytest.approx(math.exp(40.0) - 41.0, rel=1e-5)  # clamped at 40
+
+
 # --------------------------------------------------------------------------- log-probs of the loss
 def test_loss_logps_equal_fresh_forward_and_sampler_so_first_ratio_is_one():
     """The sampler's log-probs (decode pass) = the fused token log-probs of the loss = materialized

@@ -18,7 +18,7 @@ What this module owns:
   ``ratio = exp(logp - logp_old)`` against the sampling policy's log-probs,
   plus ``beta * KL`` to the reference policy with the k3 estimator
   ``exp(ref - logp) - (ref - logp) - 1`` (non-negative, unbiased for
-  KL(pi || ref) on samples from pi).
+  KL(pi || ref) on samples from pi; ``ref - logp`` clamped to +-40 against overflow).
 
 **Aggregation** (``loss_aggregation``): the loss of one optimizer step is
 ``sum over its tokens of weight * token_loss``, the weights fixed for the whole
@@ -47,6 +47,7 @@ from ..chat import IGNORE_INDEX
 
 AGGREGATIONS = ("token", "sequence", "fixed")
 ADVANTAGE_SCALES = ("std", "none")
+KL_CLAMP = 40.0
 
 
 def group_advantages(rewards: Tensor, k: int, scale: str = "std", eps: float = 1e-6) -> Tensor:
@@ -121,6 +122,9 @@ def grpo_loss(
     kl = torch.zeros_like(logps)
     if ref_logps is not None:
         delta = torch.where(mask, ref_logps.to(logps.dtype) - logps, torch.zeros_like(logps))
+        # exp() of a token the policy has all but ruled out (ref - logp > 88) overflows fp32;
+        # clamped at +-40 (exp(40) ~ 2e17 still dominates any sane loss and gradient).
+        delta = delta.clamp(-KL_CLAMP, KL_CLAMP)
         kl = torch.exp(delta) - delta - 1.0
         if beta:
             per_token = per_token + beta * kl
