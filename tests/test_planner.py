@@ -11,9 +11,9 @@ checked against what torch allocates.
   (``tests/memtrack.py``: every op output from creation to the death of its
   storage, including inside our ops) over the trainer's construction and two
   steps, for the ``olmo2-test`` and ``olmo2-tiny`` models, with and without
-  gradient accumulation and activation checkpointing, in one process and with
-  FSDP2 on two gloo ranks (the tracker then follows FSDP2's storage resizes and
-  counts DTensors by their local shards).
+  gradient accumulation and activation checkpointing, in one process, and with
+  FSDP2 and DDP on two gloo ranks (the tracker then follows FSDP2's storage
+  resizes and counts DTensors by their local shards).
 """
 from __future__ import annotations
 
@@ -134,8 +134,9 @@ def test_fsdp_shards_exact_under_fake_process_group():
 
 # ---------------------------------------------------------------------- the total against a measured peak
 CASES = {
-    "test": {"model.preset": "olmo2-test"},
-    "test-checkpointed": {"model.preset": "olmo2-test", "parallel.activation_checkpointing": True},
+    "test": {"model.preset": "olmo2-test", "global_batch_tokens": 4 * 32},
+    "test-checkpointed": {"model.preset": "olmo2-test", "global_batch_tokens": 4 * 32,
+                          "parallel.activation_checkpointing": True},
     "tiny": {"model.preset": "olmo2-tiny", "data.seq_len": 128, "micro_batch_tokens": 4 * 128,
              "global_batch_tokens": 4 * 128},
     "tiny-accumulate": {"model.preset": "olmo2-tiny", "data.seq_len": 128, "micro_batch_tokens": 2 * 128,
@@ -167,9 +168,10 @@ def _fsdp_worker(rank: int, world: int, port: int, tmp: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     info = init_distributed("cpu")
-    for case in FSDP_CASES:
-        cfg = make_config(Path(tmp) / case, **{"checkpoint.save_final": False, "parallel.strategy": "fsdp",
-                                               **CASES[case], **FSDP_CASES[case]})
+    for strategy, case in TWO_RANK_CASES:
+        overrides = {**CASES[case], "global_batch_tokens": 2 * CASES[case]["global_batch_tokens"]}
+        cfg = make_config(Path(tmp) / strategy / case, **{"checkpoint.save_final": False,
+                                                          "parallel.strategy": strategy, **overrides})
         # follow_resize: FSDP2 frees and re-allocates gathered parameters by resizing their storage.
         with PeakAllocations(follow_resize=True) as mem:
             trainer = Trainer(cfg, info)
@@ -180,24 +182,24 @@ def _fsdp_worker(rank: int, world: int, port: int, tmp: str) -> None:
             finally:
                 trainer.close()
         plan = plan_memory(cfg, world_size=world, gpu="cpu", rank=rank)
-        (Path(tmp) / f"{case}.rank{rank}").write_text(f"{mem.peak} {plan.total}")
+        (Path(tmp) / f"{strategy}-{case}.rank{rank}").write_text(f"{mem.peak} {plan.total}")
 
 
 # The global batch doubles: each of the two ranks runs the one-process case's micro-batches.
-FSDP_CASES = {"test": {"global_batch_tokens": 2 * 4 * 32}, "tiny": {"global_batch_tokens": 2 * 4 * 128}}
+TWO_RANK_CASES = [("fsdp", "test"), ("fsdp", "tiny"), ("ddp", "test"), ("ddp", "tiny")]
 
 
 @pytest.mark.slow
-def test_total_within_10_percent_of_measured_peak_fsdp_two_gloo_ranks(tmp_path):
+def test_total_within_10_percent_of_measured_peak_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
 
     from test_distributed import _free_port
 
     mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    for case in FSDP_CASES:
+    for strategy, case in TWO_RANK_CASES:
         for rank in range(2):
-            measured, planned = map(int, (tmp_path / f"{case}.rank{rank}").read_text().split())
-            assert abs(planned / measured - 1) < 0.10, (case, rank, planned, measured)
+            measured, planned = map(int, (tmp_path / f"{strategy}-{case}.rank{rank}").read_text().split())
+            assert abs(planned / measured - 1) < 0.10, (strategy, case, rank, planned, measured)
 
 
 # ---------------------------------------------------------------------- speed, fit, errors

@@ -50,15 +50,16 @@ Memory, in bytes per rank, by part (:class:`MemoryPlan`):
   the last block is not resharded after the forward. In the backward the
   block's unsharded gradients (param dtype) and their reduce-dtype copy for
   the reduce-scatter exist, for the block or, at the end, the root. DDP: its
-  gradient buckets (a second copy of the gradients).
+  gradient buckets, a second copy of the gradients that DDP allocates at
+  construction and keeps for the whole run.
 * ``allowance``: on a GPU, 1 GiB for the CUDA context, cuBLAS workspaces and
   NCCL, plus 5% of the rest for the caching allocator's fragmentation; none on
   CPU (the CPU tests measure tensor bytes, not the process).
 
 Not every part is alive at once: gradients appear as activations are freed,
 and the gathered parameters and gradient buffers come and go per block.
-:attr:`MemoryPlan.total` is parameters + optimizer + the largest of three
-moments, plus the allowance:
+:attr:`MemoryPlan.total` is parameters + optimizer (+ DDP's buckets) + the
+largest of three moments, plus the allowance:
 
 * the end of the forward: all activations, the loss buffer, the gathered
   parameters, and the gradients when earlier micro-batches of the step
@@ -145,6 +146,8 @@ class MemoryPlan:
     # gradients, held to its reduce-scatter at the end, and one reduce-scatter's input).
     gathered: int
     gradient_buffers: int
+    # Of ``communication``: buffers alive for the whole run (DDP's gradient buckets).
+    persistent_buffers: int
     # One block's activations: alive again while a checkpointed block is recomputed.
     block_activations: int
     # The block backward's largest temporaries beyond its saved activations.
@@ -187,12 +190,12 @@ class MemoryPlan:
 
     @property
     def communication(self) -> int:
-        return self.gathered + self.gradient_buffers
+        return self.gathered + self.gradient_buffers + self.persistent_buffers
 
     @property
     def tensors(self) -> int:
         """Planned tensor bytes at the peak, before the allowance."""
-        return self.parameters + self.optimizer + max(self.moments.values())
+        return self.parameters + self.optimizer + self.persistent_buffers + max(self.moments.values())
 
     @property
     def allowance(self) -> int:
@@ -341,7 +344,7 @@ def plan_memory(cfg: TrainConfig, *, world_size: int, shard_degree: int | None =
     loss_buffer = chunk_buffers + dweight_acc + dweight_cast + n_tokens * d * act + n_tokens * (4 * 4 + 1)
 
     # Communication buffers.
-    gathered = gradient_buffers = 0
+    gathered = gradient_buffers = persistent_buffers = 0
     param_bytes = act  # FSDP2 gathers in the compute dtype
     reduce_bytes = 4 if (precision == "fp32" or cfg.parallel.reduce_fp32) else 2
     if strategy == "fsdp" and shard > 1:
@@ -352,13 +355,13 @@ def plan_memory(cfg: TrainConfig, *, world_size: int, shard_degree: int | None =
         gradient_buffers = root_numel * param_bytes + max(block_numel * (param_bytes + reduce_copy),
                                                           root_numel * reduce_copy)
     elif strategy == "ddp":
-        gradient_buffers = gradients  # the buckets: a second copy of the gradients
+        persistent_buffers = gradients  # the buckets: a second copy of the gradients
 
     allowance_fixed = CONTEXT_BYTES if on_gpu else 0
     return MemoryPlan(
         parameters=parameters, gradients=gradients, optimizer=optimizer, activations=activations,
         activations_checkpointed=activations_checkpointed, loss_buffer=loss_buffer, gathered=gathered,
-        gradient_buffers=gradient_buffers, optimizer_temporaries=optimizer_temporaries, block_activations=block_activations,
+        gradient_buffers=gradient_buffers, persistent_buffers=persistent_buffers, optimizer_temporaries=optimizer_temporaries, block_activations=block_activations,
         backward_temporaries=backward_temporaries,
         activation_checkpointing=cfg.parallel.activation_checkpointing, gradients_during_forward=grad_accum > 1,
         gpu=gpu, gpu_memory=device.memory, allowance_fixed=allowance_fixed,
@@ -422,7 +425,8 @@ def format_plan(cfg: TrainConfig, plan: MemoryPlan, speed: SpeedPlan | None, nod
     ]
     if plan.optimizer_temporaries:
         lines.append(row("optimizer-step temporaries", plan.optimizer_temporaries))
-    lines.append("  not all at once; beyond parameters and optimizer, at the step's largest moments:")
+    always = "parameters, optimizer" + (" and DDP's buckets" if plan.persistent_buffers else "")
+    lines.append(f"  not all at once; beyond {always}, at the step's largest moments:")
     for name, value in plan.moments.items():
         lines.append(row(f"  {name}", value, "   <- peak" if name == plan.peak_moment else ""))
     lines.append(row("peak tensors", plan.tensors))
