@@ -425,7 +425,7 @@ def format_plan(cfg: TrainConfig, plan: MemoryPlan, speed: SpeedPlan | None, nod
     ]
     if plan.optimizer_temporaries:
         lines.append(row("optimizer-step temporaries", plan.optimizer_temporaries))
-    always = "parameters, optimizer" + (" and DDP's buckets" if plan.persistent_buffers else "")
+    always = "parameters, optimizer and DDP's buckets" if plan.persistent_buffers else "parameters and optimizer"
     lines.append(f"  not all at once; beyond {always}, at the step's largest moments:")
     for name, value in plan.moments.items():
         lines.append(row(f"  {name}", value, "   <- peak" if name == plan.peak_moment else ""))
