@@ -5,8 +5,8 @@ checked against what torch allocates.
   block (``saved_tensors_hooks``), parameters excluded, exactly.
 * Parameters, gradients and AdamW state: exactly the bytes of a real model and
   optimizer in one process, and of FSDP2 shards under a fake process group
-  (4 and 3 ranks, first and last rank: the padding of dim 0 and the uneven
-  local shards).
+  after a backward and an optimizer step (4 and 3 ranks, first and last rank:
+  the padding of dim 0 and the uneven local shards).
 * The total: within 10% of the peak tensor memory measured on CPU
   (``tests/memtrack.py``: every op output from creation to the death of its
   storage, including inside our ops) over the trainer's construction and two
@@ -109,14 +109,19 @@ FAKE_PG = textwrap.dedent("""
         stored = sum(p._sharded_param_data.numel() * p._sharded_param_data.element_size()
                      for m in model.modules() if isinstance(m, FSDPModule)
                      for p in m._get_fsdp_state()._fsdp_param_group.fsdp_params)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+        ids = torch.randint(0, 256, (2, 32))
+        model(input_ids=ids, labels=ids, reduction="sum").loss.backward()
+        # Gradients are views of each group's padded reduce-scatter output: count its storages once.
+        grads = {id(s): s.nbytes() for p in model.parameters() for s in [p.grad.to_local().untyped_storage()]}
         optimizer = build_adamw(model, lr=1e-3)
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
         optimizer.step()
         state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for v in s.values()
                     for t in [v.to_local() if hasattr(v, "to_local") else v])
         plan = plan_memory(cfg, world_size=world, gpu="cpu", rank=rank)
-        print(world, rank, stored, plan.parameters, state, plan.optimizer)
+        print(world, rank, stored, plan.parameters, sum(grads.values()), plan.gradients, state, plan.optimizer)
         dist.destroy_process_group()
 """)
 
@@ -126,10 +131,11 @@ def test_fsdp_shards_exact_under_fake_process_group():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.strip().splitlines()]
     assert len(rows) == 3
-    for world, rank, stored, planned, state, planned_state in rows:
+    for world, rank, stored, planned, grads, planned_grads, state, planned_state in rows:
         assert stored == planned, (world, rank)
+        assert grads == planned_grads, (world, rank)
         assert state == planned_state, (world, rank)
-    assert rows[0][4] != rows[1][4]  # rank 3 of 4 holds less optimizer state than rank 0
+    assert rows[0][6] != rows[1][6]  # rank 3 of 4 holds less optimizer state than rank 0
 
 
 # ---------------------------------------------------------------------- the total against a measured peak
