@@ -437,6 +437,7 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
                 ro.old_logps = forward_logps(model, ro.rows, pad_id, cfg.micro_batch_size, device)
             ref = (forward_logps(ref_model, ro.rows, pad_id, cfg.micro_batch_size, device)
                    if ref_model is not None else None)
+            lr_used = scheduler.get_last_lr()[0]  # of this rollout's first update
             sums = update(model, optimizer, scheduler, ro, ref, cfg, pad_id, device)
             train_seconds = time.perf_counter() - t0
             step += 1
@@ -458,7 +459,7 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
                 "gen_tokens_per_s": sum(ro.lengths) / max(ro.gen_seconds, 1e-9),
                 "train_tokens_per_s": sum(len(r.ids) for r in ro.rows) * cfg.ppo_epochs / max(train_seconds, 1e-9),
                 "grad_norm": sums["grad_norm"] / sums["optimizer_steps"],
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr_used,
             }
             if ref is not None:
                 row["kl"] = sums["kl"] / n_tok
