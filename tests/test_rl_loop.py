@@ -168,3 +168,35 @@ def test_help_lists_options_and_config_keys(capsys):
     assert out.startswith("usage: olmo2-rl")
     for text in ("--seeds", "--write-eval-set", "--debug", "--config", "clip_eps=0.2", "k=8", "beta=0.05"):
         assert text in out, text
+
+
+def test_rollout_stops_penalties_and_recomputed_logprobs(tmp_path, base):
+    """stop_strings end completions (kept in the tokens), truncated_reward replaces the reward of answers cut
+    at max_new_tokens, and a no-grad forward over the rollout's rows (old_logprobs=recompute) gives the
+    sampler's log-probs at the positions the loss reads them from."""
+    from olmo2.rl.grpo import completion_mask, token_logps
+    from olmo2.rl.trainer import RLConfig, _micro, _placed, forward_logps, load_policy, rollout
+
+    cfg = RLConfig(model=str(base), data=str(write_prompts(tmp_path / "p.jsonl")), output="o", k=4,
+                   max_new_tokens=6, device="cpu", stop_strings=["a", "e"], truncated_reward=-1.0)
+    model, tokenizer, _ = load_policy(cfg, "cpu")
+    prompts, _ = read_prompts(cfg.data, tokenizer, 64)
+    ro = rollout(model, tokenizer, prompts[:4], cfg, torch.Generator().manual_seed(3), 256)
+    assert {"stop", "length"} <= set(ro.stop_reason)
+    for text, why, r in zip(ro.texts, ro.stop_reason, ro.rewards.tolist()):
+        if why == "stop":
+            assert text.endswith(("a", "e"))
+        if why == "length":
+            assert r == -1.0
+    recomputed = forward_logps(model, ro.rows, 256, 5, "cpu")
+    for a, b in zip(recomputed, ro.old_logps):
+        assert len(a) == len(b)
+        torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                                   rtol=1e-5, atol=1e-5)
+    b = _micro(ro.rows, 256, "cpu")
+    placed = _placed(ro.rows, ro.old_logps, b["input_ids"].shape[1])
+    mask = completion_mask(b["labels"])
+    with torch.no_grad():
+        fresh = token_logps(model, b).double()
+    torch.testing.assert_close(placed[mask], fresh[mask], rtol=1e-5, atol=1e-5)
+    assert torch.equal(placed[~mask], torch.zeros_like(placed[~mask]))
