@@ -27,7 +27,8 @@ def test_sbatch_script_launches_torchrun_with_a_c10d_rendezvous_on_the_head_node
         '#!/bin/bash\n'
         'if [[ " $* " == *" hostname "* ]]; then echo "10.1.2.7 fe80::1"; exit 0; fi\n'
         f'printf "%s\\n" "$@" > {log}\n'
-        f'env | grep -E "^(RDZV_ENDPOINT|OMP_NUM_THREADS|TORCH_NCCL_ASYNC_ERROR_HANDLING|NCCL_DEBUG)=" | sort >> {log}\n')
+        'env | grep -E "^(RDZV_ENDPOINT|OMP_NUM_THREADS|TORCH_NCCL_ASYNC_ERROR_HANDLING|NCCL_DEBUG)="'
+        f' | sort >> {log}\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[07-08]",

@@ -279,8 +279,8 @@ def plan_memory(cfg: TrainConfig, *, world_size: int, shard_degree: int | None =
     device = _gpu(gpu)
     strategy = resolve_strategy(cfg.parallel.strategy, world_size)
     shard = _resolved_shard_degree(cfg, world_size, shard_degree) if strategy == "fsdp" else 1
-    if rank >= shard and strategy == "fsdp":
-        rank = rank % shard
+    if strategy == "fsdp":
+        rank = rank % shard  # its index in its shard group (groups of consecutive ranks)
     on_gpu = gpu != "cpu"
     precision = cfg.parallel.precision
     if precision == "auto":
@@ -296,8 +296,8 @@ def plan_memory(cfg: TrainConfig, *, world_size: int, shard_degree: int | None =
 
     meta = Olmo2ForCausalLM.from_config(model_cfg, device="meta")
     blocks = list(meta.model.layers)
-    block_names = {id(p) for b in blocks for p in b.parameters()}
-    root_params = [p for p in meta.parameters() if id(p) not in block_names]
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root_params = [p for p in meta.parameters() if id(p) not in in_blocks]
 
     # Parameters, gradients (padded shards), optimizer (this rank's unpadded shard).
     params_numel = 0
@@ -361,7 +361,8 @@ def plan_memory(cfg: TrainConfig, *, world_size: int, shard_degree: int | None =
     return MemoryPlan(
         parameters=parameters, gradients=gradients, optimizer=optimizer, activations=activations,
         activations_checkpointed=activations_checkpointed, loss_buffer=loss_buffer, gathered=gathered,
-        gradient_buffers=gradient_buffers, persistent_buffers=persistent_buffers, optimizer_temporaries=optimizer_temporaries, block_activations=block_activations,
+        gradient_buffers=gradient_buffers, persistent_buffers=persistent_buffers,
+        optimizer_temporaries=optimizer_temporaries, block_activations=block_activations,
         backward_temporaries=backward_temporaries,
         activation_checkpointing=cfg.parallel.activation_checkpointing, gradients_during_forward=grad_accum > 1,
         gpu=gpu, gpu_memory=device.memory, allowance_fixed=allowance_fixed,
