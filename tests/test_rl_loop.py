@@ -5,16 +5,18 @@ import pytest
 import torch
 
 from olmo2.checkpoint_hf import save_pretrained
+import olmo2.rl.verifiers as V
 from olmo2.rl.data import read_prompts
-from olmo2.rl.verifiers import VERIFIERS, register_verifier
 from olmo2.tokenizers import load_tokenizer, save_tokenizer
 
 from test_sft import tiny
 
-# A verifier a random tiny model satisfies about half the time, so groups have mixed rewards
-# and the updates have a gradient: an even number of characters in the completion.
-if "test_even_length" not in VERIFIERS:
-    register_verifier("test_even_length", lambda text, reference: len(text) % 2 == 0)
+
+@pytest.fixture(autouse=True)
+def even_length_verifier(monkeypatch):
+    """A verifier a random tiny model satisfies about half the time (an even number of characters), so
+    groups have mixed rewards and the updates a gradient; registered in a copy of the registry."""
+    monkeypatch.setattr(V, "VERIFIERS", {**V.VERIFIERS, "test_even_length": lambda text, ref: len(text) % 2 == 0})
 
 
 @pytest.fixture
