@@ -45,15 +45,16 @@ def test_bad_records_are_reported_with_line_numbers(tmp_path):
         json.dumps({"messages": [{"role": "system", "content": "Be brief."}], "verifier": "gsm8k", "reference": "1"}),
         json.dumps({"prompt": "x" * 300, "verifier": "gsm8k", "reference": "1"}),
         json.dumps({"answer": "1"}),
+        json.dumps({"prompt": "What is 4+4?", "dataset": "GSM8K", "ground_truth": "8"}),  # names in any case
     ]) + "\n")
     prompts, report = read_prompts(path, load_tokenizer("byte"), max_prompt_length=200)
-    assert [p.line for p in prompts] == [1, 5]
+    assert [p.line for p in prompts] == [1, 5, 9]
     assert prompts[1].record["verifier"] == "gsm8k" and prompts[1].record["reference"] == "1"
     bad = dict(report.bad)
     assert sorted(bad) == [2, 3, 4, 6, 7, 8]
     assert "invalid JSON" in bad[2] and "'nope' is not one of" in bad[3] and "needs 'reference'" in bad[4]
     assert "end with a user turn" in bad[6] and "over max_prompt_length 200" in bad[7] and "'prompt'" in bad[8]
-    assert "2 of 8 records kept, 6 skipped (line 2: invalid JSON" in report.summary()
+    assert "3 of 9 records kept, 6 skipped (line 2: invalid JSON" in report.summary()
 
 
 def test_cli_reports_no_usable_records_in_one_line(tmp_path, base, capsys):

@@ -69,7 +69,8 @@ def read_prompts(path: str | Path, tokenizer, max_prompt_length: int) -> tuple[l
             rec.setdefault("verifier", rec.get("dataset"))
             rec.setdefault("reference", rec.get("ground_truth"))
             messages, why = prompt_messages(rec)
-            if why is None and rec["verifier"] not in names:
+            name = rec["verifier"]
+            if why is None and not (name in names or (isinstance(name, str) and name.lower() in names)):
                 why = f"verifier {rec['verifier']!r} is not one of {sorted(names)}"
             if why is None and rec["reference"] is None:
                 why = "record needs 'reference' (or 'ground_truth')"

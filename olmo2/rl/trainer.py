@@ -180,11 +180,13 @@ def rollout(model, tokenizer, prompts: list[Prompt], cfg: RLConfig, generator: t
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    stops = [tokenizer.encode(s, add_special_tokens=False).ids for s in cfg.stop_strings]
+    # Stop strings are matched on the decoded text, so a string is found however
+    # the tokenizer splits it in context.
     samples = sample(model, [p.ids for p in prompts], k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                      temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=eos,
-                     stop_sequences=[s for s in stops if s] or None, generator=generator,
-                     batch_size=cfg.sample_batch_size or None)
+                     stop_strings=[s for s in cfg.stop_strings if s] or None,
+                     decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                     generator=generator, batch_size=cfg.sample_batch_size or None)
     gen_seconds = time.perf_counter() - t0
     model.train(was_training)
     rows, rewards, correct, texts = [], [], [], []
