@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from .sft import (
     data_order,
     export_model,
     load_tokenizer_for,
+    open_metrics,
     pad_id_for,
     rank_share,
     setup_model,
@@ -292,28 +294,36 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     saved_step = step if state else -1
     history: list[dict] = []
     par.model.train()
-    for epoch in range(first_epoch, cfg.epochs):
-        order = data_order(len(pairs), cfg.seed, epoch)
-        for start in range(position if epoch == first_epoch else 0, len(order), per_step):
+    metrics = open_metrics(cfg, par, total_steps, step)
+    try:
+        for epoch in range(first_epoch, cfg.epochs):
+            order = data_order(len(pairs), cfg.seed, epoch)
+            for start in range(position if epoch == first_epoch else 0, len(order), per_step):
+                if step >= stop:
+                    break
+                started = time.perf_counter()
+                row = dpo_step(par, pairs, order[start : start + per_step], ref, pad_id, cfg)
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"olmo2-dpo: non-finite loss {row['loss']} at step {step}")
+                lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                history.append(row)
+                metrics.log(step, {**row, "lr": lr, "epoch": epoch,
+                                   "step_seconds": round(time.perf_counter() - started, 4)})
+                log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
+                next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
+                if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
+                    checkpointer.save(step, next_epoch, next_pos, extra)
+                    saved_step = step
             if step >= stop:
                 break
-            row = dpo_step(par, pairs, order[start : start + per_step], ref, pad_id, cfg)
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"olmo2-dpo: non-finite loss {row['loss']} at step {step}")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            history.append(row)
-            log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
-            next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
-            if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
-                checkpointer.save(step, next_epoch, next_pos, extra)
-                saved_step = step
-        if step >= stop:
-            break
-    if saved_step != step:
-        checkpointer.save(step, cfg.epochs, 0, extra)
+        if saved_step != step:
+            checkpointer.save(step, cfg.epochs, 0, extra)
+    finally:
+        metrics.close()
     if step < total_steps:
         log(f"hard_stop: stopped after step {step} of {total_steps}; rerun without hard_stop to continue")
         return {"history": history, "steps": step, "bad_records": len(report.bad)}

@@ -38,6 +38,8 @@ model, kernels, parallelism (:mod:`olmo2.train.parallel`) and checkpoints
   broadcast into the shards; the final HF folder is written by rank 0 from a
   gathered full state dict.
 
+* **Metrics**: one line per step in ``output/metrics.jsonl`` (:class:`olmo2.train.metrics.MetricsLogger`,
+  rank 0): loss, target tokens, lr, epoch, step time.
 * **Resume**: every ``save_interval`` steps and at the end, a verified checkpoint in
   the pretraining trainer's format (:class:`PostTrainCheckpointer`: model, optimizer,
   scheduler, data position, RNG) under ``output/checkpoints``; rerunning the same
@@ -50,6 +52,7 @@ import json
 import math
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -439,31 +442,40 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
     par.model.train()
     stop = min(total_steps, cfg.hard_stop) if cfg.hard_stop else total_steps
     saved_step = step if state else -1
-    for epoch in range(first_epoch, cfg.epochs):
-        order = data_order(len(rows), cfg.seed, epoch)
-        for start in range(position if epoch == first_epoch else 0, len(order), per_step):
+    metrics = open_metrics(cfg, par, total_steps, step)
+    try:
+        for epoch in range(first_epoch, cfg.epochs):
+            order = data_order(len(rows), cfg.seed, epoch)
+            for start in range(position if epoch == first_epoch else 0, len(order), per_step):
+                if step >= stop:
+                    break
+                started = time.perf_counter()
+                chunk = [rows[i] for i in order[start : start + per_step]]
+                micro = [collate(chunk[i : i + cfg.micro_batch_size], pad_id, cfg.packing)
+                         for i in range(0, len(chunk), cfg.micro_batch_size)]
+                loss, count = step_loss(par.model, micro, par.device, par.dist)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"olmo2-sft: non-finite loss {loss} at step {step}")
+                lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss)
+                step += 1
+                seconds = time.perf_counter() - started
+                metrics.log(step, {"loss": loss, "target_tokens": count, "lr": lr, "epoch": epoch,
+                                   "step_seconds": round(seconds, 4)})
+                log(f"step {step}/{total_steps} loss {loss:.4f} tokens {count} lr {lr:.3g}")
+                next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
+                if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
+                    checkpointer.save(step, next_epoch, next_pos)
+                    saved_step = step
             if step >= stop:
                 break
-            chunk = [rows[i] for i in order[start : start + per_step]]
-            micro = [collate(chunk[i : i + cfg.micro_batch_size], pad_id, cfg.packing)
-                     for i in range(0, len(chunk), cfg.micro_batch_size)]
-            loss, count = step_loss(par.model, micro, par.device, par.dist)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"olmo2-sft: non-finite loss {loss} at step {step}")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss)
-            step += 1
-            log(f"step {step}/{total_steps} loss {loss:.4f} tokens {count} lr {scheduler.get_last_lr()[0]:.3g}")
-            next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
-            if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
-                checkpointer.save(step, next_epoch, next_pos)
-                saved_step = step
-        if step >= stop:
-            break
-    if saved_step != step:
-        checkpointer.save(step, cfg.epochs, 0)
+        if saved_step != step:
+            checkpointer.save(step, cfg.epochs, 0)
+    finally:
+        metrics.close()
     if step < total_steps:
         log(f"hard_stop: stopped after step {step} of {total_steps}; rerun without hard_stop to continue")
         return {"losses": losses, "steps": step, "bad_records": len(report.bad)}
@@ -471,3 +483,12 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
     export_model(par, Path(cfg.output), tokenizer_spec, cfg, "sft_config.json")
     log(f"wrote {cfg.output}")
     return {"losses": losses, "steps": step, "bad_records": len(report.bad)}
+
+
+def open_metrics(cfg, par: Parallel, total_steps: int, start_step: int):
+    """``output/metrics.jsonl``, one line per step, written by rank 0 (the pretraining
+    trainer's logger: on resume, lines after the resumed step are dropped)."""
+    from .train.metrics import MetricsLogger
+
+    return MetricsLogger(cfg.output, total_steps, start_step=start_step, enabled=par.dist.is_main,
+                         progress=False, tensorboard=False)

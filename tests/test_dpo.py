@@ -111,6 +111,9 @@ def test_dpo_cli_tiny_run_raises_margin(tmp_path, capsys):
     assert result["first"]["margin"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 1
     assert result["last"]["margin"] > 0.05 and result["last"]["accuracy"] == 1.0
     assert torch.load(out / "reference_logps.pt")["logps"].shape == (6, 2)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5] and lines[-1]["margin"] == result["last"]["margin"]
+    assert {"loss", "accuracy", "logp_chosen", "logp_rejected", "lr"} <= set(lines[0])
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
 
 

@@ -218,6 +218,9 @@ def test_sft_resume_is_exact(tmp_path, capsys):
     assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
     import yaml
 
+    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4] and {"loss", "target_tokens", "lr", "epoch"} <= set(lines[0])
+    assert lines[2]["epoch"] == 0 and lines[3]["epoch"] == 1  # step 4 is in the second epoch
     saved = yaml.safe_load((tmp_path / "resumed" / "checkpoints" / "step00000004" / "config.yaml").read_text())
     assert saved["lr"] == 1e-2 and saved["grad_accum"] == 2 and saved["output"] == str(tmp_path / "resumed")
     assert run("resumed", "lr=2e-2") == 2  # a changed schedule cannot continue the run
