@@ -33,6 +33,7 @@ What this module owns: :class:`DPOConfig` and presets, :func:`sequence_logps`
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -86,7 +87,8 @@ class DPOConfig:
     max_steps: int = 0
     seed: int = 123
     adam_eps: float = 1e-8
-    dtype: str = "float32"
+    dtype: str = "float32"  # the weights and AdamW state (fp32: the master weights under bf16 precision)
+    precision: str = "auto"  # compute: bf16 (FSDP2 mixed precision, else autocast) or fp32; auto: bf16 on GPU
     device: str = ""  # cpu, cuda; empty: cuda when available (one GPU per local rank under torchrun)
     strategy: str = "auto"  # fsdp, ddp, none; auto: fsdp with several ranks
     ref_cache: str = ""  # file for the reference log-probs; empty: output/reference_logps.pt
@@ -161,7 +163,7 @@ def dpo_loss(
 
 @torch.no_grad()
 def reference_logps(model: nn.Module, pairs: list[dict], pad_id: int, batch_size: int, device,
-                    dist_info: DistInfo | None = None) -> Tensor:
+                    dist_info: DistInfo | None = None, autocast=contextlib.nullcontext) -> Tensor:
     """(N, 2) reference log-prob sums [chosen, rejected] of every pair, in one no-grad
     pass; under ``torchrun`` each rank computes its :func:`olmo2.sft.rank_share` of the
     batches and every rank gets all of them back."""
@@ -171,7 +173,8 @@ def reference_logps(model: nn.Module, pairs: list[dict], pad_id: int, batch_size
     mine = {}
     for sub in rank_share(list(range(len(batches))), dist_info):
         b = {k: v.to(device) for k, v in pair_batch([pairs[i] for i in batches[sub or 0]], pad_id).items()}
-        logps, _ = sequence_logps(model, b)  # a rank without a batch left runs batch 0 and drops it
+        with autocast():
+            logps, _ = sequence_logps(model, b)  # a rank without a batch left runs batch 0 and drops it
         if sub is not None:
             n = len(batches[sub])
             mine[sub] = torch.stack([logps[:n], logps[n:]], 1).float().cpu()
@@ -215,7 +218,7 @@ def prepare_reference(cfg: DPOConfig, par: Parallel, pairs: list[dict], pad_id: 
         ref, digest = load_reference(cache, len(pairs))
         log(f"reference log-probs of {len(pairs)} pairs read from {cache}")
     else:
-        ref = reference_logps(par.model, pairs, pad_id, cfg.micro_batch_size, par.device, par.dist)
+        ref = reference_logps(par.model, pairs, pad_id, cfg.micro_batch_size, par.device, par.dist, par.autocast)
         if par.dist.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(cache, "wb", encoding=None) as f:
@@ -250,7 +253,8 @@ def dpo_step(par: Parallel, pairs: list[dict], idx: list[int], ref: Tensor | Non
         sub = sub if sub is not None else micro[0]
         b = {k: v.to(par.device) for k, v in pair_batch([pairs[j] for j in sub], pad_id).items()}
         with no_grad_sync(par.model, i == len(share) - 1):
-            logps, counts = sequence_logps(par.model, b)
+            with par.autocast():
+                logps, counts = sequence_logps(par.model, b)
             n = len(sub)
             ref_c = ref_r = None
             if ref is not None:

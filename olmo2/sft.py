@@ -47,6 +47,7 @@ model, kernels, parallelism (:mod:`olmo2.train.parallel`) and checkpoints
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -84,7 +85,8 @@ class SFTConfig:
     max_steps: int = 0  # 0: epochs decide
     seed: int = 123
     adam_eps: float = 1e-8
-    dtype: str = "float32"
+    dtype: str = "float32"  # the weights and AdamW state (fp32: the master weights under bf16 precision)
+    precision: str = "auto"  # compute: bf16 (FSDP2 mixed precision, else autocast) or fp32; auto: bf16 on GPU
     device: str = ""  # cpu, cuda; empty: cuda when available (one GPU per local rank under torchrun)
     strategy: str = "auto"  # fsdp, ddp, none; auto: fsdp with several ranks
     save_interval: int = 100  # steps between checkpoints (and one at the end); 0: only at the end
@@ -108,6 +110,8 @@ def check_common(cfg, name: str) -> None:
         raise ValueError(f"{name}.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.lr <= 0 or cfg.adam_eps <= 0:
         raise ValueError(f"{name}: lr and adam_eps must be > 0, got lr={cfg.lr}, adam_eps={cfg.adam_eps}")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"{name}.precision must be one of ('auto', 'bf16', 'fp32'), got {cfg.precision!r}")
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"{name}.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     if cfg.device not in ("", "auto", "cpu", "cuda"):
@@ -194,7 +198,7 @@ def rank_share(items: list, dist_info: DistInfo | None) -> list:
 
 
 def step_loss(model: nn.Module, micro_batches: list[dict[str, Tensor]], device,
-              dist_info: DistInfo | None = None) -> tuple[float, int]:
+              dist_info: DistInfo | None = None, autocast=contextlib.nullcontext) -> tuple[float, int]:
     """Backward of one optimizer step's loss: summed token losses over all
     micro-batches (of all ranks) / the step's target count (fixed before the first
     forward). ``micro_batches`` is the whole step, on every rank; this rank runs its
@@ -209,8 +213,9 @@ def step_loss(model: nn.Module, micro_batches: list[dict[str, Tensor]], device,
             b = {**micro_batches[0], "labels": torch.full_like(micro_batches[0]["labels"], IGNORE_INDEX)}
         b = {k: v.to(device) for k, v in b.items()}
         with no_grad_sync(model, i == len(share) - 1):
-            out = model(b["input_ids"], labels=b["labels"], attention_mask=b.get("attention_mask"),
-                        position_ids=b["position_ids"], reduction="sum")
+            with autocast():
+                out = model(b["input_ids"], labels=b["labels"], attention_mask=b.get("attention_mask"),
+                            position_ids=b["position_ids"], reduction="sum")
             (out.loss * scale).backward()
         loss_sum += out.loss.detach().double()
     return float(all_reduce_sum(loss_sum)) / max(total, 1), total
@@ -331,10 +336,17 @@ class Parallel:
     strategy: str
     model: nn.Module
     base: Olmo2ForCausalLM
+    precision: str = "fp32"
 
     @property
     def device(self) -> torch.device:
         return self.dist.device
+
+    def autocast(self):
+        """bf16 autocast where FSDP2's mixed precision does not already cast (DDP or one GPU)."""
+        from .train.parallel import autocast_context
+
+        return autocast_context(self.device, self.precision, self.strategy)
 
     def barrier(self) -> None:
         if self.dist.distributed:
@@ -351,10 +363,13 @@ def setup_model(cfg, packing: bool = False) -> Parallel:
     from .checkpoint_hf import load_pretrained
     from .config import Olmo2Config
     from .dtypes import DTYPES
-    from .train.parallel import init_distributed, parallelize, resolve_strategy
+    from .train.parallel import init_distributed, parallelize, resolve_precision, resolve_strategy
 
     dist_info = init_distributed(cfg.device or "auto")
     strategy = resolve_strategy(cfg.strategy, dist_info.world_size)
+    precision = resolve_precision(cfg.precision, dist_info.device)
+    if precision == "bf16" and dist_info.device.type != "cuda":
+        raise ValueError("precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
     dtype = DTYPES[cfg.dtype]
     folder = Path(cfg.model)
     if strategy == "fsdp":
@@ -367,13 +382,13 @@ def setup_model(cfg, packing: bool = False) -> Parallel:
         model.set_attn_backend("sdpa")  # flash_attn takes no mask; packing needs the document mask
     base = model
     if strategy == "fsdp":
-        model = parallelize(model, "fsdp", dist_info.device, "fp32")
+        model = parallelize(model, "fsdp", dist_info.device, precision)
         model.to_empty(device=dist_info.device)
         full = load_pretrained(folder, dtype=dtype, device="cpu").state_dict() if dist_info.is_main else {}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
-        model = parallelize(model, strategy, dist_info.device, "fp32")
-    return Parallel(dist_info, strategy, model, base)
+        model = parallelize(model, strategy, dist_info.device, precision)
+    return Parallel(dist_info, strategy, model, base, precision)
 
 
 def export_model(par: Parallel, out: Path, tokenizer_spec: str, cfg, config_name: str) -> None:
@@ -453,7 +468,7 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
                 chunk = [rows[i] for i in order[start : start + per_step]]
                 micro = [collate(chunk[i : i + cfg.micro_batch_size], pad_id, cfg.packing)
                          for i in range(0, len(chunk), cfg.micro_batch_size)]
-                loss, count = step_loss(par.model, micro, par.device, par.dist)
+                loss, count = step_loss(par.model, micro, par.device, par.dist, par.autocast)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"olmo2-sft: non-finite loss {loss} at step {step}")
                 lr = scheduler.get_last_lr()[0]  # the rate this step's update uses

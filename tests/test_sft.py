@@ -140,6 +140,8 @@ def test_sft_cli_dry_run_preset_and_errors(capsys):
                         (["lr2=3"], "olmo2-sft: lr2: Key 'lr2' not in 'SFTConfig'"),
                         (["--epochs=two"], "olmo2-sft: epochs: Value 'two' of type 'str' could not be converted"),
                         (["strategy=zero"], "olmo2-sft: SFTConfig.strategy must be one of"),
+                        (["precision=bf16", "device=cpu", "--data=missing.jsonl"],
+                         "olmo2-sft: precision=bf16 is for GPUs; use fp32 (or auto) on CPU"),
                         (["--config", "missing.yaml"], "olmo2-sft: --config: no such file")]:
         assert main(["--model", "m", "--data", "d", "--output", "o", *argv]) == 2, argv
         err = capsys.readouterr().err
