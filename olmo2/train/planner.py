@@ -89,9 +89,12 @@ dense bf16 peak (:data:`olmo2.hardware.PEAK_BF16_FLOPS`). The default MFU,
 between what OLMo-core's published H100 throughputs imply at this FLOP count:
 7B about 10,000 tokens/s per GPU, 45%; 13B about 4,600, 39%. It is an
 assumption, not a measurement; ``--mfu`` changes it. The speed does not depend
-on the layout (communication time is not modelled). GPU memory is the vendor's
-figure (80 GB = 74.5 GiB); CUDA reports a little more as usable (79.1 GiB on an
-H100 80 GB), so the verdict keeps a margin.
+on the layout (communication time is not modelled). GPU memory is the total
+``nvidia-smi`` reports (H100 80 GB: 81,559 MiB = 79.6 GiB; A100 80 GB: 81,920
+MiB = 80.0 GiB, as listed in modal-labs/modal-client PR 2797 and seen in NCCL
+issue logs); the CUDA context and NCCL come out of it through the allowance.
+For the H200 the vendor's 141 GB (131.3 GiB) is used, a lower bound: its
+``nvidia-smi`` total was not checked here.
 """
 from __future__ import annotations
 
@@ -115,16 +118,16 @@ FRAGMENTATION = 0.05
 @dataclass(frozen=True)
 class Gpu:
     name: str
-    # Memory the vendor states (bytes, 1 GB = 1e9).
+    # Device memory in bytes (see the module docstring for each figure's source).
     memory: int | None
     # Dense bf16 peak FLOP/s.
     peak_flops: float | None
 
 
 GPUS: dict[str, Gpu] = {
-    "h100": Gpu("H100 SXM 80 GB", 80 * 10**9, PEAK_BF16_FLOPS["H100"]),
-    "h200": Gpu("H200 141 GB", 141 * 10**9, PEAK_BF16_FLOPS["H200"]),
-    "a100": Gpu("A100 80 GB", 80 * 10**9, PEAK_BF16_FLOPS["A100"]),
+    "h100": Gpu("H100 SXM 80 GB", 81559 * 2**20, PEAK_BF16_FLOPS["H100"]),  # nvidia-smi total
+    "h200": Gpu("H200 141 GB", 141 * 10**9, PEAK_BF16_FLOPS["H200"]),  # vendor figure, a lower bound
+    "a100": Gpu("A100 80 GB", 81920 * 2**20, PEAK_BF16_FLOPS["A100"]),  # nvidia-smi total
     "cpu": Gpu("CPU", None, None),
 }
 
