@@ -355,23 +355,33 @@ class Parallel:
 
 def setup_model(cfg, packing: bool = False) -> Parallel:
     """Join the process group (``torchrun``'s, or one process), load the HF folder
-    ``cfg.model`` in ``cfg.dtype`` and apply ``cfg.strategy``. With FSDP2 every rank
-    builds the model on meta and shards it; rank 0 reads the weights and broadcasts
-    them into the shards (no rank holds a second full copy on the device)."""
+    ``cfg.model`` in ``cfg.dtype`` and apply ``cfg.strategy`` (:func:`load_parallel`)."""
+    from .train.parallel import init_distributed, resolve_precision, resolve_strategy
+
+    dist_info = init_distributed(cfg.device or "auto")
+    strategy = resolve_strategy(cfg.strategy, dist_info.world_size)
+    precision = resolve_precision(getattr(cfg, "precision", "fp32"), dist_info.device)
+    if precision == "bf16" and dist_info.device.type != "cuda":
+        raise ValueError("precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
+    model, base = load_parallel(cfg.model, cfg.dtype, dist_info, strategy, precision, packing)
+    return Parallel(dist_info, strategy, model, base, precision)
+
+
+def load_parallel(folder, dtype_name: str, dist_info: DistInfo, strategy: str, precision: str,
+                  packing: bool = False) -> tuple[nn.Module, Olmo2ForCausalLM]:
+    """The HF folder's model under ``strategy``: the module to call and the
+    Olmo2ForCausalLM under it. With FSDP2 every rank builds the model on meta and
+    shards it; rank 0 reads the weights and broadcasts them into the shards (no rank
+    holds a second full copy on the device)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from .checkpoint_hf import load_pretrained
     from .config import Olmo2Config
     from .dtypes import DTYPES
-    from .train.parallel import init_distributed, parallelize, resolve_precision, resolve_strategy
+    from .train.parallel import parallelize
 
-    dist_info = init_distributed(cfg.device or "auto")
-    strategy = resolve_strategy(cfg.strategy, dist_info.world_size)
-    precision = resolve_precision(cfg.precision, dist_info.device)
-    if precision == "bf16" and dist_info.device.type != "cuda":
-        raise ValueError("precision=bf16 is for GPUs; use fp32 (or auto) on CPU")
-    dtype = DTYPES[cfg.dtype]
-    folder = Path(cfg.model)
+    dtype = DTYPES[dtype_name]
+    folder = Path(folder)
     if strategy == "fsdp":
         if not folder.is_dir():
             raise FileNotFoundError(f"--model {folder}: not a folder")
@@ -388,7 +398,7 @@ def setup_model(cfg, packing: bool = False) -> Parallel:
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         model = parallelize(model, strategy, dist_info.device, precision)
-    return Parallel(dist_info, strategy, model, base, precision)
+    return model, base
 
 
 def export_model(par: Parallel, out: Path, tokenizer_spec: str, cfg, config_name: str) -> None:

@@ -3,6 +3,7 @@
     olmo2-rl --model SFT_HF --data prompts.jsonl --output RL_HF [--preset olmo2_7b_rlvr] [key=value ...] [--dry-run]
     olmo2-rl --model SFT_HF --data prompts.jsonl --output RUNS --seeds 1,2,3    # RUNS/seed-1, RUNS/seed-2, ...
     olmo2-rl --write-eval-set gsm8k --output gsm8k_test.jsonl                # evaluation prompts, not training data
+    torchrun --nproc_per_node=N -m olmo2.cli.rl --model SFT_HF --data prompts.jsonl --output RL_HF [strategy=fsdp|ddp]
 
 Keys are :class:`olmo2.rl.trainer.RLConfig`'s fields (steps, prompts_per_step,
 k, lr, beta, clip_eps, temperature, max_new_tokens, eval_data, ...); resolution
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 from . import errors
-from .sft import dump, parse, parser, resolve
+from .sft import dump, parse, parser, process_group, resolve
 
 PROG = "olmo2-rl"
 
@@ -73,9 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..rl.trainer import train_rl
 
         for c in configs:
-            result = train_rl(c)
+            with process_group():
+                result = train_rl(c)
             h = result["history"] or [None]  # empty when a finished run is rerun
             evals = result["eval"]
+            if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 reports
+                continue
             print(json.dumps({"seed": c.seed, "steps": result["steps"], "first": h[0], "last": h[-1],
                               "eval_accuracy": {str(k): v["accuracy"] for k, v in evals.items()},
                               "bad_records": result["bad_records"], "output": c.output}))

@@ -86,17 +86,22 @@ def completion_mask(labels: Tensor) -> Tensor:
     return mask
 
 
-def token_weights(lengths: list[int], aggregation: str, max_new_tokens: int) -> list[float]:
-    """Per-sequence weight of each token of a mini-batch of completions of ``lengths`` tokens."""
+def token_weights(lengths: list[int], aggregation: str, max_new_tokens: int, n_sequences: int | None = None,
+                  n_tokens: int | None = None) -> list[float]:
+    """Per-sequence weight of each token of a mini-batch of completions of ``lengths`` tokens.
+
+    ``lengths`` may be one rank's share of the mini-batch: ``n_sequences`` and
+    ``n_tokens`` are then the whole mini-batch's completion and token counts (over
+    all ranks; default: those of ``lengths``), so the weights are those of one process."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"loss_aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    n = len(lengths)
+    n = len(lengths) if n_sequences is None else n_sequences
     if aggregation == "token":
-        total = sum(lengths)
-        return [1.0 / max(total, 1)] * n
+        total = sum(lengths) if n_tokens is None else n_tokens
+        return [1.0 / max(total, 1)] * len(lengths)
     if aggregation == "sequence":
         return [1.0 / (n * max(length, 1)) for length in lengths]
-    return [1.0 / (n * max_new_tokens)] * n
+    return [1.0 / (n * max_new_tokens)] * len(lengths)
 
 
 def grpo_loss(

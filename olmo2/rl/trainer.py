@@ -32,6 +32,21 @@ logits; micro-batches of ``micro_batch_size`` completions).
   optimizer, scheduler, RNG, step, and the sampling generator's state; the data
   position is ``step * prompts_per_step`` in the seeded order. A rerun of the same
   command continues from the newest verified checkpoint, bitwise as if never stopped.
+* **Several ranks** (``torchrun --nproc_per_node=N -m olmo2.cli.rl ...``; ``strategy``
+  fsdp, ddp or none, the SFT/DPO setup :func:`olmo2.sft.setup_model`): the step's prompts
+  are dealt to the ranks in turn (:class:`Layout`). Each rank samples its prompts, each
+  prompt's k completions from a generator seeded by (seed, step, slot)
+  (``sampling_seed=prompt``, the default under torchrun; ``stream``, one generator for
+  the run, is kept for one process, where it is the default), so the samples, and so
+  the run, do not depend on the number of ranks. A group lives on one rank: rewards and
+  advantages need no communication. Under FSDP2 the rollout runs with the weights
+  gathered once (:func:`olmo2.train.parallel.gathered_weights`: one full copy per rank
+  while sampling), so ranks decode different numbers of tokens without collectives.
+  :func:`update` normalizes by the mini-batch's global token count (all-reduced): the
+  gradient is one process's on the same global batch. The reference is sharded like the
+  policy under FSDP2 (1/N of a copy per rank), a full copy per rank under DDP. Metrics
+  are summed over ranks and logged by rank 0; evaluation prompts are split over the ranks.
+  Checkpoints and the HF export as SFT (sharded DCP; a full state dict gathered on rank 0).
 * **Metrics**: one line per step in ``output/metrics.jsonl`` (reward mean,
   accuracy = share of completions with reward > 0, advantage stats, share of
   groups with equal rewards, loss, KL, entropy estimate, clip fraction, ratio,
@@ -43,7 +58,6 @@ from __future__ import annotations
 import base64
 import copy
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -53,11 +67,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..chat import CHAT_TEMPLATE, IGNORE_INDEX
-from ..sft import PostTrainCheckpointer, Row, collate, data_order, linear_schedule
+from ..chat import IGNORE_INDEX
+from ..sft import STRATEGIES, PostTrainCheckpointer, Row, collate, data_order, linear_schedule
 from .data import Prompt, read_prompts
 from .grpo import ADVANTAGE_SCALES, AGGREGATIONS, completion_mask, group_advantages, grpo_loss, token_logps, \
     token_weights
+
+
+SAMPLING_SEEDS = ("auto", "stream", "prompt")
 
 
 @dataclass
@@ -90,8 +107,12 @@ class RLConfig:
     micro_batch_size: int = 8  # completions per forward
     sample_batch_size: int = 0  # completions decoded together; 0: all of a step's
     seed: int = 1
+    sampling_seed: str = "auto"  # "stream": one generator for the run; "prompt": one per prompt from (seed, step,
+    #                              slot), the same samples on any number of ranks; auto: stream on one process
+    adam_eps: float = 1e-8
     dtype: str = "float32"
-    device: str = ""
+    device: str = ""  # cpu, cuda; empty: cuda when available (one GPU per local rank under torchrun)
+    strategy: str = "auto"  # fsdp, ddp, none; auto: fsdp with several ranks
     eval_data: str = ""  # prompt JSONL scored greedily every eval_interval steps (and before step 1)
     eval_interval: int = 0  # 0: only before the first and after the last step (when eval_data is set)
     eval_max_new_tokens: int = 0  # 0: max_new_tokens
@@ -113,6 +134,8 @@ class RLConfig:
                 raise ValueError(f"RLConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"RLConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"RLConfig.adam_eps must be > 0, got {self.adam_eps}")
         if self.lr <= 0 or self.beta < 0 or not 0 < self.clip_eps < 1:
             raise ValueError(f"RLConfig: need lr > 0, beta >= 0 and 0 < clip_eps < 1, got lr={self.lr}, "
                              f"beta={self.beta}, clip_eps={self.clip_eps}")
@@ -120,7 +143,8 @@ class RLConfig:
             raise ValueError(f"RLConfig: need temperature > 0 and 0 < top_p <= 1, got temperature="
                              f"{self.temperature}, top_p={self.top_p}")
         choices = {"advantage_scale": ADVANTAGE_SCALES, "loss_aggregation": AGGREGATIONS,
-                   "old_logprobs": ("sampler", "recompute"), "lr_schedule": ("linear", "constant")}
+                   "old_logprobs": ("sampler", "recompute"), "lr_schedule": ("linear", "constant"),
+                   "sampling_seed": SAMPLING_SEEDS, "strategy": STRATEGIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -172,9 +196,19 @@ class Rollout:
     gen_seconds: float
 
 
-def rollout(model, tokenizer, prompts: list[Prompt], cfg: RLConfig, generator: torch.Generator, eos: int) -> Rollout:
-    """Sample ``cfg.k`` completions of each prompt, verify them and compute the group advantages."""
-    from ..generation import sample
+def prompt_generator(seed: int, step: int, slot: int, device) -> torch.Generator:
+    """The sampling generator of the prompt in ``slot`` of ``step`` (``sampling_seed="prompt"``):
+    a function of the three numbers only, so a prompt gets the same samples on any rank."""
+    mixed = ((seed * 1_000_003 + step) * 1_000_003 + slot) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+def rollout(model, tokenizer, prompts: list[Prompt], cfg: RLConfig,
+            generator: torch.Generator | list[torch.Generator], eos: int) -> Rollout:
+    """Sample ``cfg.k`` completions of each prompt, verify them and compute the group advantages.
+    ``generator``: one for all prompts (decoded together), or one per prompt (each prompt's
+    k completions decoded as a batch of their own, with its generator)."""
+    from ..generation import Samples, sample
     from .verifiers import reward as verify
 
     was_training = model.training
@@ -182,11 +216,22 @@ def rollout(model, tokenizer, prompts: list[Prompt], cfg: RLConfig, generator: t
     t0 = time.perf_counter()
     # Stop strings are matched on the decoded text, so a string is found however
     # the tokenizer splits it in context.
-    samples = sample(model, [p.ids for p in prompts], k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, top_p=cfg.top_p, eos_token_id=eos,
-                     stop_strings=[s for s in cfg.stop_strings if s] or None,
-                     decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
-                     generator=generator, batch_size=cfg.sample_batch_size or None)
+    options = dict(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                   eos_token_id=eos, stop_strings=[s for s in cfg.stop_strings if s] or None,
+                   decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+                   batch_size=cfg.sample_batch_size or None)
+    if isinstance(generator, torch.Generator) or generator is None:
+        samples = sample(model, [p.ids for p in prompts], generator=generator, **options)
+    else:
+        if len(generator) != len(prompts):
+            raise ValueError(f"rollout: {len(generator)} generators for {len(prompts)} prompts")
+        samples = Samples(prompt_index=[], tokens=[], logprobs=[], stop_reason=[])
+        for i, (p, g) in enumerate(zip(prompts, generator)):
+            one = sample(model, [p.ids], generator=g, **options)
+            samples.prompt_index += [i] * len(one.tokens)
+            samples.tokens += one.tokens
+            samples.logprobs += one.logprobs
+            samples.stop_reason += one.stop_reason
     gen_seconds = time.perf_counter() - t0
     model.train(was_training)
     rows, rewards, correct, texts = [], [], [], []
@@ -224,49 +269,111 @@ def _micro(rows: list[Row], pad_id: int, device) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def forward_logps(model, rows: list[Row], pad_id: int, micro_batch_size: int, device) -> list[list[float]]:
-    """Completion-token log-probs of ``rows`` in a no-grad forward (reference or recomputed old policy)."""
+def forward_logps(model, rows: list[Row], pad_id: int, micro_batch_size: int, device,
+                  calls: int = 0) -> list[list[float]]:
+    """Completion-token log-probs of ``rows`` in a no-grad forward (reference or recomputed old policy).
+    ``calls``: run at least this many forwards (FSDP2: every rank the same number, repeating a
+    micro-batch whose result is dropped, since each forward all-gathers with the other ranks)."""
     was_training = model.training
     model.eval()
     out: list[list[float]] = []
-    for i in range(0, len(rows), micro_batch_size):
-        chunk = rows[i : i + micro_batch_size]
+    starts = list(range(0, len(rows), micro_batch_size))
+    for n in range(max(len(starts), calls)):
+        chunk = rows[starts[n] : starts[n] + micro_batch_size] if n < len(starts) else rows[:1]
         b = _micro(chunk, pad_id, device)
         logps = token_logps(model, b).double().cpu()
         mask = completion_mask(b["labels"]).cpu()
-        out += [logps[j][mask[j]].tolist() for j in range(len(chunk))]
+        if n < len(starts):
+            out += [logps[j][mask[j]].tolist() for j in range(len(chunk))]
     model.train(was_training)
     return out
 
 
+@dataclass
+class Layout:
+    """Where a step's completions live: the step's prompts (slots 0..B-1, k completions
+    each, row ``slot * k + j`` of the global prompt-major order) are dealt to the ranks
+    in turn, slot ``s`` to rank ``s % world``. A prompt's group is on one rank, so group
+    advantages need no communication."""
+    n_prompts: int
+    k: int
+    world: int = 1
+    rank: int = 0
+
+    def slots(self, rank: int | None = None) -> list[int]:
+        return list(range(self.rank if rank is None else rank, self.n_prompts, self.world))
+
+    def rows(self, rank: int | None = None) -> list[int]:
+        """Global row indices of a rank's completions, in its local order."""
+        return [s * self.k + j for s in self.slots(rank) for j in range(self.k)]
+
+    def max_rows(self) -> int:
+        return len(self.slots(0)) * self.k  # rank 0 has the most
+
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or max) of ``values`` over the ranks (as is in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def update(model, optimizer, scheduler, ro: Rollout, ref_logps: list[list[float]] | None, cfg: RLConfig,
-           pad_id: int, device) -> dict[str, float]:
-    """``ppo_epochs`` x ``mini_batches`` optimizer steps of the GRPO loss on one rollout; summed stats."""
-    n = len(ro.rows)
+           pad_id: int, device, layout: Layout | None = None) -> dict[str, float]:
+    """``ppo_epochs`` x ``mini_batches`` optimizer steps of the GRPO loss on one rollout; summed stats.
+
+    Under several ranks ``ro`` holds this rank's completions (``layout``): a mini-batch
+    is the same slice of the global order as in one process; each rank runs its rows
+    of it, the token weights from the mini-batch's global counts (the completion-token
+    count all-reduced), the loss times the world size (DDP and FSDP2 average the
+    gradients over ranks), so the gradient is one process's on the same global batch.
+    Every rank runs the same number of micro-batches (the rank with the most rows
+    decides; the others repeat one with weight 0). The stats are summed over ranks."""
+    from ..train.optim import clip_grad_norm_
+    from ..train.parallel import no_grad_sync
+
+    layout = layout or Layout(len(ro.rows) // cfg.k, cfg.k)
+    n = layout.n_prompts * cfg.k
     per_mini = n // cfg.mini_batches
+    local_of = {g: i for i, g in enumerate(layout.rows())}
+    keys = ("loss", "clipped", "kl", "ratio", "neg_logp", "tokens")
     sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "ratio": 0.0, "neg_logp": 0.0, "tokens": 0.0,
             "grad_norm": 0.0, "optimizer_steps": 0}
     for _ in range(cfg.ppo_epochs):
         for m in range(cfg.mini_batches):
-            idx = list(range(m * per_mini, (m + 1) * per_mini))
-            weights = token_weights([ro.lengths[i] for i in idx], cfg.loss_aggregation, cfg.max_new_tokens)
-            for j in range(0, len(idx), cfg.micro_batch_size):
-                sub = idx[j : j + cfg.micro_batch_size]
+            span = range(m * per_mini, (m + 1) * per_mini)
+            idx = [local_of[g] for g in span if g in local_of]
+            lengths = [ro.lengths[i] for i in idx]
+            most = max(sum(1 for g in span if (g // cfg.k) % layout.world == r) for r in range(layout.world))
+            n_tokens = sum(lengths) if layout.world == 1 else int(_all_reduce([float(sum(lengths))])[0])
+            weights = token_weights(lengths, cfg.loss_aggregation, cfg.max_new_tokens, per_mini, n_tokens)
+            n_micro = math.ceil(most / cfg.micro_batch_size)
+            for j in range(n_micro):
+                sub = idx[j * cfg.micro_batch_size : (j + 1) * cfg.micro_batch_size]
+                w = weights[j * cfg.micro_batch_size : (j + 1) * cfg.micro_batch_size]
+                if not sub:  # this rank has no more rows in this mini-batch: a pass with weight 0
+                    sub, w = [0], [0.0]
                 rows = [ro.rows[i] for i in sub]
                 b = _micro(rows, pad_id, device)
                 width = b["input_ids"].shape[1]
-                logps = token_logps(model, b)
-                mask = completion_mask(b["labels"])
-                old = _placed(rows, [ro.old_logps[i] for i in sub], width).to(device)
-                ref = _placed(rows, [ref_logps[i] for i in sub], width).to(device) if ref_logps is not None else None
-                loss, stats = grpo_loss(logps, old, ref, ro.advantages[sub].to(device),
-                                        torch.tensor([weights[i - idx[0]] for i in sub], device=device), mask,
-                                        cfg.clip_eps, cfg.beta)
-                loss.backward()
-                sums["loss"] += float(loss.detach())
-                for key, value in stats.items():
-                    sums[key] += float(value)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                with no_grad_sync(model, j == n_micro - 1):
+                    logps = token_logps(model, b)
+                    mask = completion_mask(b["labels"])
+                    old = _placed(rows, [ro.old_logps[i] for i in sub], width).to(device)
+                    ref = (_placed(rows, [ref_logps[i] for i in sub], width).to(device)
+                           if ref_logps is not None else None)
+                    loss, stats = grpo_loss(logps, old, ref, ro.advantages[sub].to(device),
+                                            torch.tensor(w, device=device), mask, cfg.clip_eps, cfg.beta)
+                    (loss * layout.world if layout.world > 1 else loss).backward()
+                if any(w):
+                    sums["loss"] += float(loss.detach())
+                    for key, value in stats.items():
+                        sums[key] += float(value)
+            grad_norm = clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"olmo2-rl: non-finite gradient norm {float(grad_norm)}")
             optimizer.step()
@@ -274,6 +381,8 @@ def update(model, optimizer, scheduler, ro: Rollout, ref_logps: list[list[float]
             optimizer.zero_grad(set_to_none=True)
             sums["grad_norm"] += float(grad_norm)
             sums["optimizer_steps"] += 1
+    if layout.world > 1:
+        sums.update(zip(keys, _all_reduce([sums[key] for key in keys])))
     return sums
 
 
@@ -368,21 +477,98 @@ def load_policy(cfg: RLConfig, device):
     return load_pretrained(folder, dtype=DTYPES[cfg.dtype], device=device), load_tokenizer(spec), spec
 
 
-def train_rl(cfg: RLConfig, log=_log) -> dict:
-    """Run GRPO as ``cfg`` says; write the HF folder ``cfg.output``. Returns
-    ``{"history": [per-step metrics], "steps": n, "bad_records": k, "eval": {step: result}}``."""
-    from ..checkpoint_hf import save_pretrained
-    from ..tokenizers import save_tokenizer
-    from ..train.metrics import MetricsLogger
+def evaluate_ranks(model, base, tokenizer, prompts: list[Prompt], max_new_tokens: int, samples: int,
+                   temperature: float, seed: int) -> dict:
+    """:func:`evaluate_prompts` over the ranks of a ``torchrun`` launch: each rank scores
+    prompts ``rank, rank + world, ...`` with the weights gathered (:func:`olmo2.train.parallel.gathered_weights`),
+    the results are merged on every rank (in the prompts' order). The sampled accuracy
+    draws from a generator seeded ``seed + rank``: with one rank, :func:`evaluate_prompts` itself."""
+    import torch.distributed as dist
 
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..train.parallel import gathered_weights
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    with gathered_weights(model):
+        mine = prompts[rank::world]
+        part = (evaluate_prompts(base, tokenizer, mine, max_new_tokens, samples, temperature, seed=seed + rank)
+                if mine else None)
+    if world == 1:
+        return part
+    parts: list = [None] * world
+    dist.all_gather_object(parts, part)
+    parts = [p for p in parts if p is not None]
+
+    def merged(key: str) -> list:  # per-prompt lists back in the prompts' order
+        return [p[key][j] for j in range(len(parts[0][key])) for p in parts if j < len(p[key])]
+
+    n = len(prompts)
+    result = {"correct": merged("correct"), "n": n, "samples": merged("samples")[:4],
+              "reward": sum(p["reward"] * p["n"] for p in parts) / n}
+    result["accuracy"] = sum(result["correct"]) / n
+    if samples:
+        result["sampled_accuracy"] = sum(p["sampled_accuracy"] * p["n"] for p in parts) / n
+        result["sampled_correct"] = merged("sampled_correct")
+    return result
+
+
+def _rollout_metrics(ro: Rollout, k: int, train_tokens: int, train_seconds: float) -> dict[str, float]:
+    """The rollout's metrics over all ranks (sums all-reduced; the times are the slowest rank's)."""
+    groups = ro.rewards.reshape(-1, k)
+    adv = ro.advantages.double()
+    (n, reward, correct, adv_abs, adv_sum, adv_sq, equal, n_groups, length, eos, cut, tokens) = _all_reduce([
+        float(len(ro.rows)), float(ro.rewards.double().sum()), float(sum(ro.correct)), float(adv.abs().sum()),
+        float(adv.sum()), float((adv * adv).sum()), float((groups == groups[:, :1]).all(1).sum()),
+        float(groups.shape[0]), float(sum(ro.lengths)), float(sum(s == "eos" for s in ro.stop_reason)),
+        float(sum(s == "length" for s in ro.stop_reason)), float(train_tokens)])
+    gen_seconds, train_seconds = _all_reduce([ro.gen_seconds, train_seconds], op="max")
+    return {
+        "reward": reward / n,
+        "accuracy": correct / n,
+        "advantage_abs": adv_abs / n,
+        "advantage_std": math.sqrt(max(0.0, adv_sq / n - (adv_sum / n) ** 2)),
+        "equal_reward_groups": equal / n_groups,
+        "completion_length": length / n,
+        "stopped_eos": eos / n,
+        "truncated": cut / n,
+        "gen_tokens_per_s": length / max(gen_seconds, 1e-9),
+        "train_tokens_per_s": tokens / max(train_seconds, 1e-9),
+    }
+
+
+def train_rl(cfg: RLConfig, log=_log) -> dict:
+    """Run GRPO as ``cfg`` says (on every rank of a ``torchrun`` launch); write the HF folder
+    ``cfg.output``. Returns ``{"history": [per-step metrics], "steps": n, "bad_records": k,
+    "eval": {step: result}}``.
+
+    Under ``torchrun`` (``strategy`` fsdp or ddp, :func:`olmo2.sft.setup_model`): the step's
+    prompts are dealt to the ranks (:class:`Layout`); each rank samples its prompts with
+    the weights gathered once for the rollout (FSDP2), each prompt from its own generator
+    (``sampling_seed="prompt"``, so the samples do not depend on the number of ranks),
+    verifies them and computes its groups' advantages; the updates as :func:`update` says."""
+    from ..sft import export_model, load_parallel, pad_id_for, setup_model
+    from ..tokenizers import load_tokenizer
+    from ..train.metrics import MetricsLogger
+    from ..train.parallel import gathered_weights
+
     torch.manual_seed(cfg.seed)
-    model, tokenizer, tokenizer_spec = load_policy(cfg, device)
+    par = setup_model(cfg)
+    world, rank, device = par.dist.world_size, par.dist.rank, par.device
+    log = log if par.dist.is_main else (lambda text: None)
+    sampling = cfg.sampling_seed if cfg.sampling_seed != "auto" else ("stream" if world == 1 else "prompt")
+    if sampling == "stream" and world > 1:
+        raise ValueError(f"sampling_seed=stream is for one process; under torchrun ({world} ranks) use prompt "
+                         "(or auto)")
+    if cfg.prompts_per_step < world:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is fewer than the {world} ranks: every rank "
+                         "samples at least one prompt per step")
+    folder = Path(cfg.model)
+    tokenizer_spec = cfg.tokenizer or (str(folder) if (folder / "tokenizer.json").is_file() else "dolma2")
+    tokenizer = load_tokenizer(tokenizer_spec)
     eos = tokenizer.token_to_id("<|endoftext|>")
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer_spec}: has no <|endoftext|> token (the chat template's EOS)")
-    pad_id = tokenizer.token_to_id("<|pad|>")
-    pad_id = pad_id if pad_id is not None and pad_id < model.config.vocab_size else eos
+    pad_id = pad_id_for(tokenizer, par.base.config.vocab_size)
     prompts, report = read_prompts(cfg.data, tokenizer, cfg.max_prompt_length)
     log(report.summary())
     if not prompts:
@@ -391,14 +577,21 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
     if cfg.eval_data:
         eval_prompts, eval_report = read_prompts(cfg.eval_data, tokenizer, cfg.max_prompt_length)
         log("eval_data " + eval_report.summary())
-    # The reference is the starting model: copied before a resume loads a trained policy.
+    # The reference is the starting model, frozen: in one process a copy made before a
+    # resume loads a trained policy; under FSDP2 sharded as the policy (1/world of a copy
+    # per rank, gathered a block at a time in its forward); under DDP a full copy per rank.
     ref_model = None
     if cfg.beta > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if par.strategy == "none":
+            ref_model = copy.deepcopy(par.base)
+        else:
+            ref_model, _ = load_parallel(cfg.model, cfg.dtype, par.dist, "fsdp" if par.strategy == "fsdp" else "none",
+                                         par.precision)
+        ref_model.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(par.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     total_updates = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
     scheduler = lr_scheduler(optimizer, total_updates, cfg.warmup_ratio, cfg.lr_schedule)
-    checkpointer = PostTrainCheckpointer(cfg, model, optimizer, scheduler, len(prompts), log)
+    checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(prompts), log)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     state = checkpointer.resume()
@@ -408,61 +601,74 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
             if key in state["config"] and state["config"][key] != getattr(cfg, key):
                 raise ValueError(f"{key}={getattr(cfg, key)!r} differs from {state['config'][key]!r} in the "
                                  f"checkpoint: resume needs the same value (or another checkpoint_dir)")
+        saved = state.get("sampling", "stream")
+        if saved != sampling:
+            if cfg.sampling_seed != "auto" or (saved == "stream" and world > 1):
+                raise ValueError(f"sampling_seed={sampling} differs from {saved} in checkpoint "
+                                 f"{checkpointer.resumed_from}: resume needs the same sampling")
+            sampling = saved
         step = state["step"]
-        _set_generator_state(generator, state["generator"])
+        if sampling == "stream":
+            _set_generator_state(generator, state["generator"])
     out = Path(cfg.output)
-    metrics = MetricsLogger(out, cfg.steps, start_step=step, progress=False, tensorboard=False)
+    metrics = MetricsLogger(out, cfg.steps, start_step=step, enabled=par.dist.is_main, progress=False,
+                            tensorboard=False)
     stop = min(cfg.steps, cfg.hard_stop) if cfg.hard_stop else cfg.steps
     eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     history: list[dict] = []
     evals: dict[int, dict] = {}
+    layout = Layout(cfg.prompts_per_step, cfg.k, world, rank)
+    calls = math.ceil(layout.max_rows() / cfg.micro_batch_size)  # no-grad forwards per rank, equal on all
+    no_grad_model = par.base if par.strategy == "ddp" else par.model
 
     def run_eval(at: int) -> None:
-        result = evaluate_prompts(model, tokenizer, eval_prompts, eval_tokens, cfg.eval_samples, cfg.temperature,
-                                  seed=cfg.seed + 1)
+        result = evaluate_ranks(par.model, par.base, tokenizer, eval_prompts, eval_tokens, cfg.eval_samples,
+                                cfg.temperature, seed=cfg.seed + 1)
         evals[at] = result
         metrics.log(at, {f"eval/{k}": result[k] for k in ("accuracy", "reward", "sampled_accuracy") if k in result})
         sampled = f" sampled_accuracy {result['sampled_accuracy']:.3f}" if "sampled_accuracy" in result else ""
         log(f"eval at step {at}: accuracy {result['accuracy']:.3f}{sampled} reward {result['reward']:.3f} "
             f"on {result['n']}")
 
+    def save(at: int) -> None:
+        epoch, position = divmod(at * cfg.prompts_per_step, len(prompts))
+        extra = {"sampling": sampling}
+        if sampling == "stream":
+            extra["generator"] = _generator_state(generator)
+        checkpointer.save(at, epoch, position, extra)
+
     if eval_prompts and step == 0:
         run_eval(0)
     saved_step = step if state is not None else -1
-    model.train()
+    par.model.train()
     try:
         while step < stop:
-            chunk = [prompts[i] for i in step_prompts(len(prompts), cfg.seed, step, cfg.prompts_per_step)]
-            ro = rollout(model, tokenizer, chunk, cfg, generator, eos)
+            order = step_prompts(len(prompts), cfg.seed, step, cfg.prompts_per_step)
+            slots = layout.slots()
+            chunk = [prompts[order[s]] for s in slots]
+            gens = (generator if sampling == "stream" else
+                    [prompt_generator(cfg.seed, step, s, device) for s in slots])
+            with gathered_weights(par.model):
+                ro = rollout(par.base, tokenizer, chunk, cfg, gens, eos)
             t0 = time.perf_counter()
             if cfg.old_logprobs == "recompute":
-                ro.old_logps = forward_logps(model, ro.rows, pad_id, cfg.micro_batch_size, device)
-            ref = (forward_logps(ref_model, ro.rows, pad_id, cfg.micro_batch_size, device)
+                ro.old_logps = forward_logps(no_grad_model, ro.rows, pad_id, cfg.micro_batch_size, device, calls)
+            ref = (forward_logps(ref_model, ro.rows, pad_id, cfg.micro_batch_size, device, calls)
                    if ref_model is not None else None)
             lr_used = scheduler.get_last_lr()[0]  # of this rollout's first update
-            sums = update(model, optimizer, scheduler, ro, ref, cfg, pad_id, device)
+            sums = update(par.model, optimizer, scheduler, ro, ref, cfg, pad_id, device, layout)
             train_seconds = time.perf_counter() - t0
             step += 1
             n_tok = max(1.0, sums["tokens"])
-            groups = ro.rewards.reshape(-1, cfg.k)
-            row = {
-                "reward": float(ro.rewards.mean()),
-                "accuracy": sum(ro.correct) / len(ro.correct),
-                "advantage_abs": float(ro.advantages.abs().mean()),
-                "advantage_std": float(ro.advantages.std(unbiased=False)),
-                "equal_reward_groups": float((groups == groups[:, :1]).all(1).float().mean()),
+            row = _rollout_metrics(ro, cfg.k, sum(len(r.ids) for r in ro.rows) * cfg.ppo_epochs, train_seconds)
+            row.update({
                 "loss": sums["loss"] / sums["optimizer_steps"],
                 "entropy": sums["neg_logp"] / n_tok,
                 "clip_fraction": sums["clipped"] / n_tok,
                 "ratio": sums["ratio"] / n_tok,
-                "completion_length": sum(ro.lengths) / len(ro.lengths),
-                "stopped_eos": sum(s == "eos" for s in ro.stop_reason) / len(ro.stop_reason),
-                "truncated": sum(s == "length" for s in ro.stop_reason) / len(ro.stop_reason),
-                "gen_tokens_per_s": sum(ro.lengths) / max(ro.gen_seconds, 1e-9),
-                "train_tokens_per_s": sum(len(r.ids) for r in ro.rows) * cfg.ppo_epochs / max(train_seconds, 1e-9),
                 "grad_norm": sums["grad_norm"] / sums["optimizer_steps"],
                 "lr": lr_used,
-            }
+            })
             if ref is not None:
                 row["kl"] = sums["kl"] / n_tok
             if not math.isfinite(row["loss"]):
@@ -473,12 +679,10 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
             if eval_prompts and cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.steps:
                 run_eval(step)
             if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
-                epoch, position = divmod(step * cfg.prompts_per_step, len(prompts))
-                checkpointer.save(step, epoch, position, {"generator": _generator_state(generator)})
+                save(step)
                 saved_step = step
         if saved_step != step:
-            epoch, position = divmod(step * cfg.prompts_per_step, len(prompts))
-            checkpointer.save(step, epoch, position, {"generator": _generator_state(generator)})
+            save(step)
         result = {"history": history, "steps": step, "bad_records": len(report.bad), "eval": evals}
         if step < cfg.steps:
             log(f"hard_stop: stopped after step {step} of {cfg.steps}; rerun without hard_stop to continue")
@@ -487,9 +691,7 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
             run_eval(step)
     finally:
         metrics.close()
-    model.eval()
-    save_pretrained(model, out, chat_template=CHAT_TEMPLATE)
-    save_tokenizer(tokenizer_spec, out)
-    (out / "rl_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    par.model.eval()
+    export_model(par, out, tokenizer_spec, cfg, "rl_config.json")
     log(f"wrote {out}")
     return result

@@ -254,3 +254,32 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+@contextlib.contextmanager
+def gathered_weights(model: nn.Module):
+    """FSDP2: all-gather every parameter once on entry and keep them gathered until exit,
+    so code that calls submodules directly (the KV-cache sampler) runs with full weights
+    and no collective per call: ranks may then run different numbers of forwards (each
+    rank's samples stop at their own lengths). Costs one full copy of the weights per
+    rank for the duration. Collective on entry; a no-op for DDP or one process."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not modules:
+        yield model
+        return
+    # The root must be lazily initialized first (as its forward would), else the first
+    # block to run would take itself for the root. A private method: no public one exists.
+    modules[0]._get_fsdp_state()._lazy_init()
+    resharded = [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
+                 for m in modules]
+    for m in modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m, flag in zip(modules, resharded):
+            m.reshard()
+            m.set_reshard_after_forward(flag, recurse=False)

@@ -1,0 +1,142 @@
+"""olmo2-rl on two CPU ranks (gloo): with each prompt sampled from its own generator
+(``sampling_seed=prompt``, the default under torchrun), FSDP2 and DDP end with the weights
+of one process on the same global batch, log the same rollout metrics and the same greedy
+evaluation, and a checkpoint written by two ranks finishes in one process. One spawn runs
+every two-rank command."""
+import datetime
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import olmo2.rl.verifiers as V
+from olmo2.checkpoint_hf import save_pretrained
+from olmo2.tokenizers import save_tokenizer
+from test_sft import tiny
+
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+              pytest.mark.slow]
+
+# 3 prompts per step over 2 ranks: rank 0 samples slots 0 and 2, rank 1 slot 1, so the ranks hold
+# 4 and 2 completions; 2 mini-batches of 3 completions (the first: both of slot 0 and one of slot 1)
+# and micro-batches of 2, so rank 1 runs passes of weight 0 and a padded reference forward.
+# adam_eps 1e-4 keeps Adam's g / (|g| + eps) smooth, so different reduction orders differ in the
+# weights by rounding only (as tests/test_distributed.py).
+RL = ["k=2", "prompts_per_step=3", "steps=3", "mini_batches=2", "micro_batch_size=2", "max_new_tokens=6",
+      "max_prompt_length=64", "beta=0.1", "lr=1e-2", "adam_eps=1e-4", "save_interval=1", "keep_last=0",
+      "device=cpu"]
+
+
+def even_length(text, reference):  # about half of a random model's answers: groups with mixed rewards
+    return len(text) % 2 == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, runs: list) -> None:
+    from olmo2.cli import rl
+
+    V.VERIFIERS = {**V.VERIFIERS, "test_even_length": even_length}
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=5))
+    try:
+        for argv in runs:
+            code = rl.main(argv)
+            if code:
+                raise SystemExit(f"rank {rank}: olmo2-rl {argv} exited {code}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from olmo2.cli import rl
+
+    root = tmp_path_factory.mktemp("rl_dist")
+    base = root / "base"
+    save_pretrained(tiny(vocab=258, seed=1), base)
+    save_tokenizer("byte", base)
+    prompts, held_out = root / "prompts.jsonl", root / "eval.jsonl"
+    for path, numbers in ((prompts, range(5)), (held_out, range(10, 13))):
+        path.write_text("".join(json.dumps({"prompt": f"Add {a} and {a + 1}", "verifier": "test_even_length",
+                                            "reference": str(2 * a + 1)}) + "\n" for a in numbers))
+
+    def argv(out, *extra):
+        return ["--model", str(base), "--data", str(prompts), "--output", str(root / out), *RL,
+                f"eval_data={held_out}", *extra]
+
+    saved = V.VERIFIERS
+    V.VERIFIERS = {**saved, "test_even_length": even_length}
+    try:
+        assert rl.main(argv("one", "sampling_seed=prompt")) == 0  # one process: the reference
+        mp.spawn(_worker, args=(2, _free_port(), [argv("fsdp", "strategy=fsdp"), argv("ddp", "strategy=ddp"),
+                                                  argv("stopped", "strategy=fsdp", "hard_stop=2")]),
+                 nprocs=2, join=True)
+        yield root, argv
+    finally:
+        V.VERIFIERS = saved
+
+
+def weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("run", ["fsdp", "ddp"])
+def test_two_ranks_match_one_process(runs, run):
+    root, _ = runs
+    reference, got = weights(root / "one"), weights(root / run)
+    assert got.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    start = load_file(root / "base" / "model.safetensors")
+    assert any(not torch.equal(value, start[name]) for name, value in got.items())  # it trained
+    state = json.loads((root / run / "checkpoints" / "step00000002" / "trainer.json").read_text())
+    assert state["world_size"] == 2 and state["sampling"] == "prompt"
+    one, two = metrics(root / "one"), metrics(root / run)
+    assert [m["step"] for m in two] == [m["step"] for m in one]
+    for a, b in zip(one, two):
+        for key in ("reward", "accuracy", "equal_reward_groups", "completion_length", "truncated",
+                    "eval/accuracy", "eval/reward"):
+            assert (key in a) == (key in b) and a.get(key) == b.get(key), (key, a, b)
+        for key in ("loss", "kl", "ratio", "entropy", "grad_norm", "advantage_abs"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert any(0 < m["equal_reward_groups"] < 1 for m in one if "loss" in m)  # groups with a gradient
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(runs, capsys):
+    """Stopped after step 2 of 2 FSDP2 ranks, finished in one process (which keeps the
+    checkpoint's per-prompt sampling): the weights of the straight run."""
+    from olmo2.cli import rl
+
+    root, argv = runs
+    out = root / "stopped"
+    assert not (out / "model.safetensors").exists()
+    assert rl.main(argv("stopped")) == 0
+    assert "at step 2" in capsys.readouterr().err
+    reference, got = weights(root / "one"), weights(out)
+    for name, value in reference.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_layout_deals_prompts_to_ranks_in_turn():
+    from olmo2.rl.trainer import Layout
+
+    layout = Layout(n_prompts=3, k=2, world=2, rank=1)
+    assert layout.slots() == [1] and layout.rows() == [2, 3] and layout.rows(0) == [0, 1, 4, 5]
+    assert layout.max_rows() == 4
