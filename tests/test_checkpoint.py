@@ -119,3 +119,36 @@ def test_rng_states_round_trip():
     ckpt.set_rng_state(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_resume_skips_the_initial_values_and_refuses_a_checkpoint_that_cannot_fill_the_model(tmp_path, monkeypatch):
+    """A resumed run allocates the model without drawing initial values (the load fills
+    every parameter; the resumed run's bitwise equality is test_resume_is_bitwise_exact);
+    a checkpoint that lacks a parameter is refused in one line before training starts."""
+    import pickle
+
+    import olmo2.train.init as init
+
+    calls = []
+    real = init.init_parameters_
+    monkeypatch.setattr(init, "init_parameters_",
+                        lambda model, seed, spec=None: calls.append(seed) or real(model, seed, spec))
+    first = Trainer(resume_config(tmp_path, 2))
+    assert len(calls) == 1  # a fresh run draws them
+    first.fit()
+    resumed = Trainer(resume_config(tmp_path, 4))
+    assert len(calls) == 1 and resumed.step == 2  # the resume does not
+    for name, value in params(first.model).items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    resumed.close()
+
+    path = ckpt.latest_checkpoint(first.ckpt_dir)  # the same checkpoint, without one parameter
+    meta_file = path / ckpt.STATE_DIR / ".metadata"
+    meta = pickle.loads(meta_file.read_bytes())
+    del meta.state_dict_metadata["model.model.layers.0.mlp.up_proj.weight"]
+    meta_file.write_bytes(pickle.dumps(meta))
+    ckpt.write_manifest(path)  # a checkpoint that verifies: only its contents are short
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        Trainer(resume_config(tmp_path, 4))
+    assert "lacks model parameter model.layers.0.mlp.up_proj.weight" in str(refused.value)
+    assert "\n" not in str(refused.value) and len(calls) == 1

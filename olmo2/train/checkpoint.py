@@ -587,6 +587,21 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
     return value
 
 
+def _check_covers(path: Path, model_state: dict[str, Any]) -> None:
+    """Refuse a checkpoint that lacks one of the model's state-dict entries: a resume
+    allocates the model without initial values (:func:`olmo2.train.init.build_model`),
+    so the load must fill all of it. (DCP's default planner refuses a missing key too;
+    this says so before any tensor is read, and keeps holding if the planner changes.)"""
+    try:
+        saved = _dcp().FileSystemReader(str(path / STATE_DIR)).read_metadata().state_dict_metadata
+    except Exception as exc:  # noqa: BLE001
+        raise _damaged(path, STATE_DIR, f"has no readable metadata ({_first_line(exc)})") from None
+    missing = [name for name in model_state if f"model.{name}" not in saved]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise _damaged(path, STATE_DIR, f"lacks model parameter {missing[0]}{more}: it cannot fill this model")
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     restore_rng: bool = True, verify: str = "checksum",
                     log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -610,6 +625,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             "loading it after a structural check only")
     trainer = read_trainer_state(path)
     state = _train_state_dicts(model, optimizer)
+    _check_covers(path, state["model"])
     try:
         with _quiet_dcp():
             _dcp().load(state, checkpoint_id=str(path / STATE_DIR))

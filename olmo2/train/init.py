@@ -161,22 +161,34 @@ def init_parameters_(model: nn.Module, seed: int, spec: dict[str, tuple[str, flo
 
 def build_model(config: Olmo2Config, strategy: str, device: torch.device, precision: str, seed: int, *,
                 activation_checkpointing: bool = False, compile: bool = False, reduce_fp32: bool = True,
-                shard_degree: int | None = None, materialize: bool = True) -> nn.Module:
+                shard_degree: int | None = None, materialize: bool = True, init_values: bool = True) -> nn.Module:
     """The trainer's model: built on meta, parallelized (``strategy`` "fsdp", "ddp" or
     "none"), allocated on ``device`` and initialized with :func:`init_parameters_`
     from ``seed``. FSDP allocates and fills only this rank's shards; DDP and a single
     process fill the full tensors (the same values). ``materialize=False`` stops
-    after parallelizing (FSDP: the sharded model on meta, for sizing)."""
+    after parallelizing (FSDP: the sharded model on meta, for sizing).
+    ``init_values=False`` allocates without initializing: for a model whose every
+    parameter a checkpoint load is about to overwrite (the trainer's resume, which
+    refuses a checkpoint that lacks one); refused for a model with buffers outside
+    its state dict (non-persistent), which no load would fill."""
     model = Olmo2ForCausalLM.from_config(config, device="meta")
+    if not init_values:
+        in_state = set(model.state_dict())
+        unfilled = [name for name, _ in model.named_buffers() if name not in in_state]
+        if unfilled:
+            raise ValueError(f"build_model: init_values=False would leave the non-persistent buffers {unfilled} "
+                             "uninitialized (no checkpoint holds them)")
     if strategy != "fsdp":  # DDP wraps an allocated model (it broadcasts rank 0's at construction)
         if not materialize:
             raise ValueError("build_model: materialize=False is for strategy='fsdp'")
         model.to_empty(device=device)
-        init_parameters_(model, seed)
+        if init_values:
+            init_parameters_(model, seed)
         return parallelize(model, strategy, device, precision, activation_checkpointing, compile, reduce_fp32)
     model = parallelize(model, "fsdp", device, precision, activation_checkpointing, compile, reduce_fp32,
                         shard_degree=shard_degree)
     if materialize:
         model.to_empty(device=device)
-        init_parameters_(model, seed)
+        if init_values:
+            init_parameters_(model, seed)
     return model
