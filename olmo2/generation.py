@@ -41,6 +41,26 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
     """Next token per row of ``logits`` (B, V): argmax when temperature is 0."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(next_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sample_next_from_uniform(logits: Tensor, temperature: float, top_p: float, u: Tensor) -> Tensor:
+    """Next token per row of ``logits`` (B, V) from one uniform draw in [0, 1) per row
+    (``u``, (B,)): the token whose interval of the cumulative distribution holds ``u``
+    (inverse CDF; the distribution of :func:`sample_next`). A row's token depends on
+    its logits and its ``u`` only, whatever else is in the batch."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = next_probs(logits, temperature, top_p)
+    cdf = probs.cumsum(dim=-1)
+    # The first token whose cumulative mass exceeds u * total: a token of probability 0
+    # never is (its cumulative mass equals its predecessor's).
+    token = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return token.clamp(max=probs.shape[-1] - 1)
+
+
+def next_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """(B, V) fp32 distribution of the next token: softmax at ``temperature``, cut to the top-p nucleus."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -49,7 +69,7 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) > top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 @torch.inference_mode()
@@ -193,7 +213,7 @@ def sample(
     top_p: float = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
     stop_sequences: Sequence[Sequence[int]] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     batch_size: int | None = None,
     stop_strings: Sequence[str] | None = None,
     decode: Callable[[list[int]], str] | None = None,
@@ -216,6 +236,13 @@ def sample(
     log-probs are always those of the unmodified policy (see
     :class:`Samples`). Same ``generator`` seed and arguments: same samples
     (the generator lives on the model's device).
+
+    ``generator`` may also be a list, one per prompt: every decode step each
+    prompt draws k uniforms from its own generator and its rows take their
+    tokens by inverse CDF (:func:`sample_next_from_uniform`), so a prompt's
+    samples do not depend on the other prompts in the batch nor on when rows
+    finish (up to float rounding of batched matmuls); batches then hold whole
+    prompts (``batch_size // k`` of them, at least one). RL across ranks uses it.
     """
     config = model.config
     prompts = _token_lists("prompts", prompts, config.vocab_size)
@@ -232,20 +259,29 @@ def sample(
     stops = _token_lists("stop_sequences", stop_sequences or [], config.vocab_size)
     texts = _stop_texts(stop_strings, decode)
     device = next(model.parameters()).device
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(f"sample: generator is on {generator.device} but the model on {device}; "
-                         f"make it with torch.Generator(device={str(device)!r})")
+    per_prompt = generator is not None and not isinstance(generator, torch.Generator)
+    if per_prompt:
+        generator = list(generator)
+        if len(generator) != len(prompts):
+            raise ValueError(f"sample: {len(generator)} generators for {len(prompts)} prompts; give one per prompt")
+    for g in generator if per_prompt else [generator]:
+        if g is not None and g.device.type != device.type:
+            raise ValueError(f"sample: generator is on {g.device} but the model on {device}; "
+                             f"make it with torch.Generator(device={str(device)!r})")
     eos = _eos_ids(config.eos_token_id if eos_token_id is None else eos_token_id)
 
     rows = [p for p in range(len(prompts)) for _ in range(k)]
     per_batch = len(rows) if batch_size is None else batch_size
+    if per_prompt:  # whole prompts per batch
+        per_batch = max(1, per_batch // k) * k
     out = Samples(prompt_index=rows, tokens=[], logprobs=[], stop_reason=[])
     for start in range(0, len(rows), per_batch):
         chunk = rows[start : start + per_batch]
         distinct = sorted(set(chunk))
         tokens, logps, reasons = _sample_rows(
             model, [prompts[p] for p in distinct], [chunk.count(p) for p in distinct], max_new_tokens,
-            float(temperature), float(top_p), eos, stops, generator, texts,
+            float(temperature), float(top_p), eos, stops,
+            [generator[p] for p in distinct] if per_prompt else generator, texts,
         )
         out.tokens += tokens
         out.logprobs += logps
@@ -277,10 +313,11 @@ def _sample_rows(
     top_p: float,
     eos: list[int],
     stops: list[list[int]],
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[torch.Generator] | None,
     texts: tuple[list[str], Callable[[list[int]], str], int] | None = None,
 ) -> tuple[list[list[int]], list[list[float]], list[str]]:
-    """One batch of :func:`sample`: prompt i continued ``repeats[i]`` times."""
+    """One batch of :func:`sample`: prompt i continued ``repeats[i]`` times (``generator``:
+    one for the batch, or one per prompt)."""
     device = next(model.parameters()).device
     n_rows = sum(repeats)
     if max_new_tokens == 0:
@@ -323,7 +360,11 @@ def _sample_rows(
     stop_ids = [torch.tensor(s, dtype=torch.int64, device=device) for s in stops]
     for step in range(max_new_tokens):
         logp_all = torch.log_softmax(logits.float(), dim=-1)
-        token = sample_next(logits, temperature, top_p, generator)
+        if isinstance(generator, list):  # every prompt draws for all its rows, running or not
+            u = torch.cat([torch.rand(r, generator=g, device=device) for g, r in zip(generator, repeats)])
+            token = sample_next_from_uniform(logits, temperature, top_p, u[slot_row])
+        else:
+            token = sample_next(logits, temperature, top_p, generator)
         out_tokens[slot_row, step] = token
         out_logps[slot_row, step] = logp_all.gather(1, token[:, None]).squeeze(1)
         hit_eos = torch.isin(token, eos_ids) if eos else torch.zeros_like(running)

@@ -107,6 +107,57 @@ def test_reproducible_with_a_seed():
     assert a.tokens != c.tokens
 
 
+def test_per_prompt_generators_make_a_prompts_samples_independent_of_the_batch():
+    """One generator per prompt (RL over ranks): a prompt's samples are the same alone, batched
+    with other prompts, in batches of any size, with rows stopping early, and its log-probs
+    are still those of a fresh forward."""
+    model = tiny_model()
+    prompts = prompts_of([3, 8, 5])
+    options = dict(k=3, max_new_tokens=10, top_p=0.9, eos_token_id=[3], stop_sequences=[[1, 2]])
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    together = sample(model, prompts, generator=gens([5, 6, 7]), **options)
+    split = sample(model, prompts, generator=gens([5, 6, 7]), batch_size=4, **options)  # 1 prompt per batch
+    # the same tokens; log-probs up to the rounding of batched matmuls of other shapes
+    assert together.tokens == split.tokens and together.stop_reason == split.stop_reason
+    torch.testing.assert_close(torch.tensor(sum(split.logprobs, [])), torch.tensor(sum(together.logprobs, [])),
+                               rtol=1e-5, atol=1e-5)
+    assert set(together.stop_reason) & {"eos", "stop"}  # some rows ended early
+    for i, seed in enumerate([5, 6, 7]):
+        alone = sample(model, [prompts[i]], generator=gens([seed]), **options)
+        assert alone.tokens == together.tokens[3 * i : 3 * i + 3], i
+        for mine, fresh in zip(alone.logprobs, together.logprobs[3 * i : 3 * i + 3]):
+            torch.testing.assert_close(torch.tensor(mine), torch.tensor(fresh), rtol=1e-5, atol=1e-5)
+    other = sample(model, prompts, generator=gens([5, 9, 7]), **options)
+    assert other.tokens[:3] == together.tokens[:3] and other.tokens[6:] == together.tokens[6:]
+    assert other.tokens[3:6] != together.tokens[3:6]
+    for row, completion in enumerate(together.tokens):
+        expected = teacher_forced_logprobs(model, prompts[together.prompt_index[row]], completion)
+        torch.testing.assert_close(torch.tensor(together.logprobs[row], dtype=torch.float64), expected,
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        sample(model, prompts, generator=gens([1, 2]), **options)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_sample_next_from_uniform_is_the_inverse_cdf(top_p):
+    """Uniforms on a fine grid land on each token in proportion to its probability (the
+    distribution sample_next draws from: temperature, top-p), never on a token of probability 0."""
+    from olmo2.generation import next_probs, sample_next_from_uniform
+
+    logits = torch.tensor([0.2, 0.0, 0.5, 0.3]).log()[None]  # token 1 has probability 0
+    n = 100_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens = sample_next_from_uniform(logits.expand(n, 4), 0.7, top_p, u)
+    share = torch.bincount(tokens, minlength=4).double() / n
+    probs = next_probs(logits, 0.7, top_p)[0].double()
+    torch.testing.assert_close(share, probs / probs.sum(), rtol=0, atol=2e-5)
+    assert share[1] == 0 and (share[0] == 0) == (top_p == 0.5)
+    assert torch.equal(sample_next_from_uniform(logits, 0.0, 1.0, u[:1]), torch.tensor([2]))  # greedy
+
+
 def test_kv_cache_select_rows():
     from olmo2.model import KVCache
 

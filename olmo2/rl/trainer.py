@@ -29,13 +29,14 @@ logits; micro-batches of ``micro_batch_size`` completions).
   state or gradients for it. With ``beta = 0`` (Dr. GRPO, open-instruct's
   zero-style runs) there is no copy and KL is not logged.
 * **Resume**: as SFT and DPO (:class:`olmo2.sft.PostTrainCheckpointer`): model,
-  optimizer, scheduler, RNG, step, and the sampling generator's state; the data
+  optimizer, scheduler, RNG, step, the sampling mode and (``stream``) the generator's state; the data
   position is ``step * prompts_per_step`` in the seeded order. A rerun of the same
   command continues from the newest verified checkpoint, bitwise as if never stopped.
 * **Several ranks** (``torchrun --nproc_per_node=N -m olmo2.cli.rl ...``; ``strategy``
   fsdp, ddp or none, the SFT/DPO setup :func:`olmo2.sft.setup_model`): the step's prompts
   are dealt to the ranks in turn (:class:`Layout`). Each rank samples its prompts, each
-  prompt's k completions from a generator seeded by (seed, step, slot)
+  prompt's k completions from a generator seeded by (seed, step, slot), the rank's prompts
+  decoded together (:func:`olmo2.generation.sample` with one generator per prompt)
   (``sampling_seed=prompt``, the default under torchrun; ``stream``, one generator for
   the run, is kept for one process, where it is the default), so the samples, and so
   the run, do not depend on the number of ranks. A group lives on one rank: rewards and
@@ -206,9 +207,9 @@ def prompt_generator(seed: int, step: int, slot: int, device) -> torch.Generator
 def rollout(model, tokenizer, prompts: list[Prompt], cfg: RLConfig,
             generator: torch.Generator | list[torch.Generator], eos: int) -> Rollout:
     """Sample ``cfg.k`` completions of each prompt, verify them and compute the group advantages.
-    ``generator``: one for all prompts (decoded together), or one per prompt (each prompt's
-    k completions decoded as a batch of their own, with its generator)."""
-    from ..generation import Samples, sample
+    ``generator``: one for all prompts, or one per prompt (each prompt's completions drawn
+    from its own, whatever else is decoded with them: :func:`olmo2.generation.sample`)."""
+    from ..generation import sample
     from .verifiers import reward as verify
 
     was_training = model.training
@@ -220,18 +221,7 @@ def rollout(model, tokenizer, prompts: list[Prompt], cfg: RLConfig,
                    eos_token_id=eos, stop_strings=[s for s in cfg.stop_strings if s] or None,
                    decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
                    batch_size=cfg.sample_batch_size or None)
-    if isinstance(generator, torch.Generator) or generator is None:
-        samples = sample(model, [p.ids for p in prompts], generator=generator, **options)
-    else:
-        if len(generator) != len(prompts):
-            raise ValueError(f"rollout: {len(generator)} generators for {len(prompts)} prompts")
-        samples = Samples(prompt_index=[], tokens=[], logprobs=[], stop_reason=[])
-        for i, (p, g) in enumerate(zip(prompts, generator)):
-            one = sample(model, [p.ids], generator=g, **options)
-            samples.prompt_index += [i] * len(one.tokens)
-            samples.tokens += one.tokens
-            samples.logprobs += one.logprobs
-            samples.stop_reason += one.stop_reason
+    samples = sample(model, [p.ids for p in prompts], generator=generator, **options)
     gen_seconds = time.perf_counter() - t0
     model.train(was_training)
     rows, rewards, correct, texts = [], [], [], []
