@@ -130,6 +130,18 @@ def test_gradient_does_not_depend_on_the_micro_batch_split():
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "fixed"])
+def test_token_weights_of_rank_shares_are_one_process_weights(aggregation):
+    """Ranks holding parts of a mini-batch weigh their completions as one process does, given
+    the mini-batch's global completion and token counts (what the RL loop all-reduces)."""
+    lengths = [3, 1, 7, 4, 2]
+    whole = token_weights(lengths, aggregation, 8)
+    mine, theirs = [0, 2, 4], [1, 3]  # ranks' shares, interleaved
+    for share in (mine, theirs):
+        got = token_weights([lengths[i] for i in share], aggregation, 8, n_sequences=5, n_tokens=sum(lengths))
+        assert got == [whole[i] for i in share]
+
+
 def test_beta_zero_without_reference_and_kl_needs_it():
     rows = rollout_rows()
     b = collate(rows, 0, packing=False)
