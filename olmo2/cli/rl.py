@@ -74,16 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from ..rl.trainer import train_rl
 
-        for c in configs:
-            with process_group():
+        with process_group():  # one for all seeds: a process group is not re-initialized under torchrun
+            for c in configs:
                 result = train_rl(c)
-            h = result["history"] or [None]  # empty when a finished run is rerun
-            evals = result["eval"]
-            if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 reports
-                continue
-            print(json.dumps({"seed": c.seed, "steps": result["steps"], "first": h[0], "last": h[-1],
-                              "eval_accuracy": {str(k): v["accuracy"] for k, v in evals.items()},
-                              "bad_records": result["bad_records"], "output": c.output}))
+                h = result["history"] or [None]  # empty when a finished run is rerun
+                evals = result["eval"]
+                if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 reports
+                    continue
+                print(json.dumps({"seed": c.seed, "steps": result["steps"], "first": h[0], "last": h[-1],
+                                  "eval_accuracy": {str(k): v["accuracy"] for k, v in evals.items()},
+                                  "bad_records": result["bad_records"], "output": c.output}), flush=True)
         return 0
 
     return errors.run(PROG, body, ["--debug"] if args.debug else [], errors.expected_errors())
