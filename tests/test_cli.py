@@ -71,3 +71,24 @@ def test_dry_run_checks_device_and_backend(capsys):
     assert err.startswith("olmo2-train: device=cuda but this machine has no usable CUDA device") and err.count("\n") == 1
     assert train.main(["--kernel_backend=cuda", "--dry-run"]) == 2
     assert capsys.readouterr().err.startswith("olmo2-train: kernel_backend=cuda cannot run on cpu: ")
+
+
+@pytest.mark.parametrize("prog,trainer,entry", [
+    ("olmo2-sft", "olmo2.sft", "train_sft"),
+    ("olmo2-dpo", "olmo2.dpo", "train_dpo"),
+    ("olmo2-rl", "olmo2.rl.trainer", "train_rl"),
+])
+def test_posttraining_divergence_is_one_line(prog, trainer, entry, tmp_path, monkeypatch, capsys):
+    """A run that diverges stops with the trainer's FloatingPointError: one line, exit 2, no traceback."""
+    import importlib
+
+    from olmo2.cli import dpo, rl, sft
+
+    def diverged(cfg):
+        raise FloatingPointError(f"{prog}: non-finite loss nan at step 3")
+
+    monkeypatch.setattr(importlib.import_module(trainer), entry, diverged)
+    main = {"olmo2-sft": sft.main, "olmo2-dpo": dpo.main, "olmo2-rl": rl.main}[prog]
+    assert main(["--model", "m", "--data", "d", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"{prog}: non-finite loss nan at step 3\n"

@@ -25,12 +25,13 @@ EXPECTED: tuple[type[BaseException], ...] = (OSError, ValueError, BackendUnavail
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    """:data:`EXPECTED` plus the trainer's own (imported here so the light commands stay light)."""
+    """:data:`EXPECTED` plus the trainer's own (imported here so the light commands stay light),
+    and FloatingPointError: olmo2-sft, olmo2-dpo and olmo2-rl stop a diverged run with it."""
     from ..train.checkpoint import CheckpointError
     from ..train.runlock import RunLockedError
     from ..train.stability import NonFiniteLossError, NonFiniteStateError
 
-    return EXPECTED + (CheckpointError, RunLockedError, NonFiniteLossError, NonFiniteStateError)
+    return EXPECTED + (CheckpointError, RunLockedError, NonFiniteLossError, NonFiniteStateError, FloatingPointError)
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:
