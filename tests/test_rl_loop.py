@@ -57,6 +57,17 @@ def test_bad_records_are_reported_with_line_numbers(tmp_path):
     assert "3 of 9 records kept, 6 skipped (line 2: invalid JSON" in report.summary()
 
 
+def test_verifier_of_another_type_is_a_bad_record(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": "What is 1+1?", "verifier": name, "reference": "2"})
+                              for name in (["gsm8k"], {"name": "gsm8k"}, 7, "gsm8k")) + "\n")
+    prompts, report = read_prompts(path, load_tokenizer("byte"), max_prompt_length=200)
+    assert [p.line for p in prompts] == [4]
+    bad = dict(report.bad)
+    assert sorted(bad) == [1, 2, 3]
+    assert "verifier ['gsm8k'] is not one of" in bad[1] and "verifier 7 is not one of" in bad[3]
+
+
 def test_cli_reports_no_usable_records_in_one_line(tmp_path, base, capsys):
     from olmo2.cli.rl import main
 

@@ -70,7 +70,7 @@ def read_prompts(path: str | Path, tokenizer, max_prompt_length: int) -> tuple[l
             rec.setdefault("reference", rec.get("ground_truth"))
             messages, why = prompt_messages(rec)
             name = rec["verifier"]
-            if why is None and not (name in names or (isinstance(name, str) and name.lower() in names)):
+            if why is None and not (isinstance(name, str) and (name in names or name.lower() in names)):
                 why = f"verifier {rec['verifier']!r} is not one of {sorted(names)}"
             if why is None and rec["reference"] is None:
                 why = "record needs 'reference' (or 'ground_truth')"
