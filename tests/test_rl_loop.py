@@ -105,6 +105,9 @@ def test_cli_reports_no_usable_records_in_one_line(tmp_path, base, capsys):
     assert "0 of 1 records kept, 1 skipped (line 1: verifier None is not one of" in err[-2]
     assert main(["--model", str(base), "--data", str(data), "--output", "o", "k=0"]) == 2
     assert "RLConfig.k must be >= 1, got 0" in capsys.readouterr().err
+    # a group of one: every advantage is exactly 0, the run would learn nothing without a word
+    assert main(["--model", str(base), "--data", str(data), "--output", "o", "k=1"]) == 2
+    assert "RLConfig.k must be >= 2 (" in capsys.readouterr().err
 
 
 def test_seeds_run_into_their_own_folders(tmp_path, capsys):

@@ -128,6 +128,9 @@ class RLConfig:
                      "mini_batches", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.k < 2:
+            raise ValueError(f"RLConfig.k must be >= 2 (a group of one completion has advantage 0: nothing to "
+                             f"learn), got {self.k}")
         for name in ("save_interval", "keep_last", "hard_stop", "eval_interval", "eval_max_new_tokens",
                      "eval_samples",
                      "sample_batch_size"):
