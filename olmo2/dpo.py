@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -194,7 +195,14 @@ def load_reference(cache: Path, n_pairs: int) -> tuple[Tensor, str]:
     """The cached reference log-probs and the file's sha256."""
     from .files import file_digest
 
-    ref = torch.load(cache, weights_only=True)["logps"]
+    try:
+        saved = torch.load(cache, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # damaged, or not a torch file
+        saved = exc
+    if not isinstance(saved, dict) or not isinstance(saved.get("logps"), Tensor):
+        why = f" ({(str(saved).splitlines() or [type(saved).__name__])[0][:200]})" if isinstance(saved, Exception) else ""
+        raise ValueError(f"ref_cache {cache}: not a reference log-prob file written by olmo2-dpo{why}")
+    ref = saved["logps"]
     if ref.shape != (n_pairs, 2):
         raise ValueError(f"ref_cache {cache}: holds {tuple(ref.shape)} log-probs, the data has {n_pairs} pairs")
     return ref, file_digest(cache)

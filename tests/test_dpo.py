@@ -234,3 +234,18 @@ def test_dpo_resume_refuses_another_reference_cache_or_data(tmp_path, capsys):
     data.write_text(text)
     assert run("resumed") == 0  # both restored: it continues
     assert "at step 2 (epoch 0, item 4)" in capsys.readouterr().err
+
+
+def test_reference_cache_that_is_not_one_is_a_one_line_error(tmp_path):
+    """ref_cache names a user's file: a damaged one or another .pt is refused naming it, not a traceback."""
+    from olmo2.dpo import load_reference
+
+    path = tmp_path / "ref.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=rf"ref_cache {path}: not a reference log-prob file"):
+        load_reference(path, 3)
+    torch.save({"weights": torch.zeros(3, 2)}, path)
+    with pytest.raises(ValueError, match=rf"ref_cache {path}: not a reference log-prob file"):
+        load_reference(path, 3)
+    torch.save({"logps": torch.zeros(3, 2)}, path)
+    assert load_reference(path, 3)[0].shape == (3, 2)
