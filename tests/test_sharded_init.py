@@ -184,3 +184,5 @@ def test_shard_degree_mesh_and_errors(tmp_path, capsys):
                    "into replicate groups of equal size"]
     assert simulate_main(["--preset=test", "--world=4", "--rank=4"]) == 2
     assert capsys.readouterr().err.strip().endswith("rank must be in [0, 4), got 4")
+    assert simulate_main(["--preset=test", "--world=0"]) == 2  # named as the world, not as a rank out of [0, 0)
+    assert capsys.readouterr().err.strip().endswith("simulate: --world must be >= 1, got 0")

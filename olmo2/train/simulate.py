@@ -127,6 +127,8 @@ def simulate(cfg: TrainConfig, world: int, shard_degree: int | None = None, rank
 
     if shard_degree is None:
         shard_degree = cfg.parallel.shard_degree
+    if world < 1:
+        raise ValueError(f"simulate: --world must be >= 1, got {world}")
     if not 0 <= rank < world:
         raise ValueError(f"simulate: rank must be in [0, {world}), got {rank}")
     check_shard_degree(shard_degree, world, "fsdp")
