@@ -121,6 +121,13 @@ def test_seeds_run_into_their_own_folders(tmp_path, capsys):
     assert [(c["seed"], c["output"]) for c in configs] == [(s, str(tmp_path / "runs" / f"seed-{s}")) for s in (1, 2, 3)]
     assert configs[0]["lr"] == 5e-7 and configs[0]["k"] == 16 and configs[0]["max_new_tokens"] == 2048
     assert main(["--model", "m", "--data", "d", "--output", "o", "--seeds", "1,x"]) == 2
+    capsys.readouterr()
+    # a checkpoint_dir given for all the seeds: one folder per seed under it (a shared one made
+    # seed 2 find seed 1's checkpoints and stop: seed differs)
+    assert main(["--model", "m", "--data", "d", "--output", "o", "--seeds", "1,2", "--dry-run",
+                 f"checkpoint_dir={tmp_path / 'ck'}"]) == 0
+    configs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [c["checkpoint_dir"] for c in configs] == [str(tmp_path / "ck" / f"seed-{s}") for s in (1, 2)]
 
 
 def test_rollout_is_reproducible_with_a_seeded_generator(tmp_path, base):

@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve(args, RLConfig, PRESETS)
         configs = [cfg]
         if args.seeds:
-            configs = [dataclasses.replace(cfg, seed=s, output=str(Path(cfg.output) / f"seed-{s}"))
+            configs = [dataclasses.replace(cfg, seed=s, output=str(Path(cfg.output) / f"seed-{s}"),
+                                           checkpoint_dir=str(Path(cfg.checkpoint_dir) / f"seed-{s}")
+                                           if cfg.checkpoint_dir else "")
                        for s in parse_seeds(args.seeds)]
         if args.dry_run:
             print("".join(dump(c) for c in configs) if not args.seeds else
