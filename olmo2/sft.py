@@ -116,6 +116,14 @@ def check_common(cfg, name: str) -> None:
         raise ValueError(f"{name}.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     if cfg.device not in ("", "auto", "cpu", "cuda"):
         raise ValueError(f"{name}.device must be cpu, cuda or empty (cuda when available), got {cfg.device!r}")
+    check_output_is_not_model(cfg, name)
+
+
+def check_output_is_not_model(cfg, name: str) -> None:
+    """The export must not overwrite the starting model (the user's input)."""
+    if cfg.model and cfg.output and Path(cfg.model).resolve() == Path(cfg.output).resolve():
+        raise ValueError(f"{name}.output is the starting model's folder {cfg.model!r}: the export would overwrite "
+                         f"it; give another folder")
 
 
 # Tülu 3 SFT hyperparameters for OLMo 2 Instruct, as shipped in allenai/open-instruct

@@ -244,3 +244,16 @@ def test_sft_resume_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
     assert "FELL BACK" in err and "at step 1 (epoch 0, item 2)" in err
     assert (root / "damaged-step00000002").is_dir()
     assert _same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rl"])
+def test_output_may_not_be_the_starting_model(tmp_path, stage, capsys):
+    """The export would overwrite the user's input model: refused in one line, exit 2, before any work."""
+    import importlib
+
+    main = importlib.import_module(f"olmo2.cli.{stage}").main
+    model = tmp_path / "base"
+    model.mkdir()
+    assert main([f"--model={model}", f"--output={tmp_path}/./base", f"--data={tmp_path}/x.jsonl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output is the starting model's folder" in err[0], err

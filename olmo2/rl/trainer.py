@@ -69,7 +69,8 @@ import torch
 from torch import Tensor
 
 from ..chat import IGNORE_INDEX
-from ..sft import STRATEGIES, PostTrainCheckpointer, Row, collate, data_order, linear_schedule
+from ..sft import (STRATEGIES, PostTrainCheckpointer, Row, check_output_is_not_model, collate, data_order,
+                   linear_schedule)
 from .data import Prompt, read_prompts
 from .grpo import ADVANTAGE_SCALES, AGGREGATIONS, completion_mask, group_advantages, grpo_loss, token_logps, \
     token_weights
@@ -138,6 +139,7 @@ class RLConfig:
                 raise ValueError(f"RLConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"RLConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        check_output_is_not_model(self, "RLConfig")
         if self.adam_eps <= 0:
             raise ValueError(f"RLConfig.adam_eps must be > 0, got {self.adam_eps}")
         if self.lr <= 0 or self.beta < 0 or not 0 < self.clip_eps < 1:
