@@ -364,15 +364,27 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_score_slices_and_agree_with_one(tmp_path, byte):
-    """torchrun's case: each rank scores every other batch, the results are gathered; replicated and FSDP2."""
+    """torchrun's case: each rank scores every other batch, the results are gathered; replicated and FSDP2.
+
+    A gloo child process of this test has been seen to die by SIGABRT ("terminate called without an
+    active exception") in about 1 of 15 runs on the 2-core machine, not reproduced outside pytest and
+    not root-caused; a run whose child dies by a signal is repeated once on a fresh port. An exception
+    raised in a child (a wrong result, a failed collective) is not retried, and the results are compared
+    below either way."""
     import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for attempt in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            mp.spawn(_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+            break
+        except mp.ProcessExitedException as e:  # killed by a signal; ProcessRaisedException is not caught
+            if attempt == 1 or e.signal_name is None:
+                raise
     task = task_from_examples("toy:rc", examples(9, seed=4), byte, max_length=64)
     single = evaluate_tasks(tiny_model(), [task], batch_tokens=300, progress=False)[0].metrics
     for rank in range(2):
