@@ -56,7 +56,7 @@ from .sft import (
     checkpoint_dir,
     collate,
     data_order,
-    export_model,
+    finish_run,
     load_tokenizer_for,
     open_metrics,
     pad_id_for,
@@ -336,10 +336,5 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
             checkpointer.save(step, cfg.epochs, 0, extra)
     finally:
         metrics.close()
-    if step < total_steps:
-        log(f"hard_stop: stopped after step {step} of {total_steps}; rerun without hard_stop to continue")
-        return {"history": history, "steps": step, "bad_records": len(report.bad)}
-    par.model.eval()
-    export_model(par, Path(cfg.output), tokenizer_spec, cfg, "dpo_config.json")
-    log(f"wrote {cfg.output}")
+    finish_run(par, cfg, step, total_steps, tokenizer_spec, "dpo_config.json", log)
     return {"history": history, "steps": step, "bad_records": len(report.bad)}

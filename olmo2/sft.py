@@ -509,13 +509,20 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
             checkpointer.save(step, cfg.epochs, 0)
     finally:
         metrics.close()
+    finish_run(par, cfg, step, total_steps, tokenizer_spec, "sft_config.json", log)
+    return {"losses": losses, "steps": step, "bad_records": len(report.bad)}
+
+
+def finish_run(par: Parallel, cfg, step: int, total_steps: int, tokenizer_spec: str, config_name: str,
+               log) -> None:
+    """The end of an SFT or DPO run: the HF export once every step is done, else
+    (``hard_stop``) a line saying how to continue."""
     if step < total_steps:
         log(f"hard_stop: stopped after step {step} of {total_steps}; rerun without hard_stop to continue")
-        return {"losses": losses, "steps": step, "bad_records": len(report.bad)}
+        return
     par.model.eval()
-    export_model(par, Path(cfg.output), tokenizer_spec, cfg, "sft_config.json")
+    export_model(par, Path(cfg.output), tokenizer_spec, cfg, config_name)
     log(f"wrote {cfg.output}")
-    return {"losses": losses, "steps": step, "bad_records": len(report.bad)}
 
 
 def open_metrics(cfg, par: Parallel, total_steps: int, start_step: int):
