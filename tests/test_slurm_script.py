@@ -18,11 +18,28 @@ def test_sbatch_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+def test_sbatch_script_refuses_an_empty_node_list(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nexit 0\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "",
+           "SLURM_JOB_NUM_NODES": "0", "SLURM_JOB_ID": "1"}
+    out = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "train.sbatch: scontrol show hostnames gave no node for SLURM_JOB_NODELIST=''"]
+
+
 def test_sbatch_script_launches_torchrun_with_a_c10d_rendezvous_on_the_head_node(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "srun.log"
-    (bin_dir / "scontrol").write_text('#!/bin/bash\nprintf "gpu-node-07\\ngpu-node-08\\n"\n')
+    # 2048 node names (about 26 KB, more than a pipe holds): a `| head -n 1` reader would
+    # exit first and scontrol would die of SIGPIPE, which pipefail turns into a failed job.
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\nprintf "gpu-node-07\\ngpu-node-08\\n"\n'
+        'for i in $(seq 1 2046); do printf "gpu-node-%05d\\n" "$i"; done\n')
     (bin_dir / "srun").write_text(
         '#!/bin/bash\n'
         'if [[ " $* " == *" hostname "* ]]; then echo "10.1.2.7 fe80::1"; exit 0; fi\n'
