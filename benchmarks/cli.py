@@ -28,6 +28,11 @@ from .generate import IMPL_NAMES as GENERATE_IMPLS, format_generate_table, run_g
 from .model import ATTN_CHOICES, IMPL_NAMES, run_model_benchmark
 from .specs import CPU_PRESET, GPU_PRESETS, OPS, canonical_preset, plan
 
+
+class UsageError(Exception):
+    """Bad arguments found after parsing: one line on stderr, exit 2 (as argparse's own errors)."""
+
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
 SUBCOMMANDS = ("kernels", "model", "dpo", "generate", "report")
@@ -53,7 +58,7 @@ def _device(value: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(value)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("olmo2-bench: --device cuda, but no CUDA device is available")
+        raise UsageError("olmo2-bench: --device cuda, but no CUDA device is available")
     return dev
 
 
@@ -166,7 +171,7 @@ def _plots(doc: dict, out: Path, enabled: bool, name: str = "model") -> None:
 def _apply_threads(args) -> None:
     if args.threads is not None:
         if args.threads <= 0:
-            raise SystemExit(f"olmo2-bench: --threads must be a positive int, got {args.threads}")
+            raise UsageError(f"olmo2-bench: --threads must be a positive int, got {args.threads}")
         torch.set_num_threads(args.threads)
 
 
@@ -177,7 +182,7 @@ def cmd_kernels(args) -> int:
     try:
         cases = plan(device.type, ops=args.ops, presets=args.presets, quick=args.quick, tokens=args.tokens)
     except ValueError as exc:
-        raise SystemExit(f"olmo2-bench: {exc}") from None
+        raise UsageError(f"olmo2-bench: {exc}") from None
     impl_names = list(args.backends)
     if args.dry_run:
         for case in cases:
@@ -260,13 +265,13 @@ def cmd_generate(args) -> int:
     for name in ("k", "prompt_len", "new_tokens", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"olmo2-bench generate: --{name.replace('_', '-')} must be a positive int, got {value}")
+            raise UsageError(f"olmo2-bench generate: --{name.replace('_', '-')} must be a positive int, got {value}")
     if args.batch_sizes is not None and (not args.batch_sizes or min(args.batch_sizes) < 1):
-        raise SystemExit(f"olmo2-bench generate: --batch-sizes must be positive ints, got {args.batch_sizes}")
+        raise UsageError(f"olmo2-bench generate: --batch-sizes must be positive ints, got {args.batch_sizes}")
     try:
         doc = run_generate_benchmark(args, device, _dtype(args, device))
     except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+        raise UsageError(str(exc)) from None
     path = args.out / f"{args.name}.json"
     report.write_json(path, doc)
     print()
@@ -311,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"kernels": cmd_kernels, "model": cmd_model, "dpo": cmd_dpo, "generate": cmd_generate,
                "report": cmd_report}[args.command]
-    return handler(args)
+    try:
+        return handler(args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

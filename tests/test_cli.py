@@ -43,6 +43,19 @@ def test_bench_report_on_a_missing_or_bad_file_is_one_line(tmp_path, capsys):
         assert what in err and err.rstrip().endswith(f"({tmp_path / name})")
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["kernels", "--threads", "0"], "olmo2-bench: --threads must be a positive int, got 0"),
+    (["generate", "--k", "0"], "olmo2-bench generate: --k must be a positive int, got 0"),
+    (["generate", "--batch-sizes", "0"], "olmo2-bench generate: --batch-sizes must be positive ints, got [0]"),
+])
+def test_bench_bad_arguments_are_one_line_exit_2(argv, message, tmp_path, capsys):
+    from benchmarks.cli import main as bench
+
+    assert bench(argv + ["--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("module", [generate, soup, tokenize])
 def test_debug_flag_is_listed(module, capsys):
     with pytest.raises(SystemExit):
