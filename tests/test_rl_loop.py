@@ -250,3 +250,35 @@ def test_rollout_stops_penalties_and_recomputed_logprobs(tmp_path, base):
         fresh = token_logps(model, b).double()
     torch.testing.assert_close(placed[mask], fresh[mask], rtol=1e-5, atol=1e-5)
     assert torch.equal(placed[~mask], torch.zeros_like(placed[~mask]))
+
+
+def test_rl_resume_refuses_a_changed_key_or_tokenizer(tmp_path, base, capsys):
+    """A resume that would compute something else is refused in one line naming the key, both values and the
+    checkpoint: max_prompt_length (RL_RESUME_KEYS), and a different tokenizer (its sha256), while the same
+    tokenizer named another way (the shipped 'byte' instead of the model folder's copy) resumes."""
+    from olmo2.cli.rl import main
+    from olmo2.tokenizers import tokenizer_json
+
+    data = write_prompts(tmp_path / "prompts.jsonl", n=3)
+    out = tmp_path / "out"
+    keys = ["steps=2", "prompts_per_step=1", "k=2", "max_new_tokens=3", "max_prompt_length=64", "beta=0",
+            "save_interval=0", "device=cpu"]
+
+    def run(*extra):
+        return main(["--model", str(base), "--data", str(data), "--output", str(out), *keys, *extra])
+
+    assert run("hard_stop=1") == 0
+    checkpoint = out / "checkpoints" / "step00000001"
+    assert run("max_prompt_length=65") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"max_prompt_length=65 differs from 64 in checkpoint {checkpoint}" in err
+    other = json.loads(tokenizer_json("byte"))
+    other["normalizer"] = {"type": "Lowercase"}  # the same vocabulary, other token ids for "Add"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(other))
+    assert run(f"tokenizer={tmp_path / 'other'}") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"olmo2-rl: tokenizer '{tmp_path / 'other'}' (sha256 ")
+    assert f"differs from the one checkpoint {checkpoint} was trained with" in err
+    assert run("tokenizer=byte", "hard_stop=2") == 0
+    assert "resumed from" in capsys.readouterr().err

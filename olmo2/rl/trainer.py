@@ -31,7 +31,10 @@ logits; micro-batches of ``micro_batch_size`` completions).
 * **Resume**: as SFT and DPO (:class:`olmo2.sft.PostTrainCheckpointer`): model,
   optimizer, scheduler, RNG, step, the sampling mode and (``stream``) the generator's state; the data
   position is ``step * prompts_per_step`` in the seeded order. A rerun of the same
-  command continues from the newest verified checkpoint, bitwise as if never stopped.
+  command continues from the newest verified checkpoint, bitwise as if never stopped;
+  one that changes what the run computes (a key of ``RL_RESUME_KEYS`` or
+  :data:`olmo2.sft.RESUME_KEYS`, the data file's or the tokenizer's sha256) is refused
+  in one line naming the key, both values and the checkpoint.
 * **Several ranks** (``torchrun --nproc_per_node=N -m olmo2.cli.rl ...``; ``strategy``
   fsdp, ddp or none, the SFT/DPO setup :func:`olmo2.sft.setup_model`): the step's prompts
   are dealt to the ranks in turn (:class:`Layout`). Each rank samples its prompts, each
@@ -59,6 +62,7 @@ from __future__ import annotations
 import base64
 import copy
 import dataclasses
+import hashlib
 import math
 import sys
 import time
@@ -178,10 +182,14 @@ PRESETS: dict[str, dict] = {
                                max_new_tokens=2048, max_prompt_length=2048, lr_schedule="linear"),
 }
 
-# Keys that decide what a resumed run computes, beyond olmo2.sft.RESUME_KEYS.
-RL_RESUME_KEYS = ("steps", "warmup_ratio", "prompts_per_step", "k", "max_new_tokens", "temperature", "top_p", "beta", "clip_eps",
-                  "advantage_scale", "loss_aggregation", "old_logprobs", "ppo_epochs", "mini_batches",
-                  "lr_schedule", "model", "truncated_reward", "stop_strings")
+# Keys that decide what a resumed run computes, beyond olmo2.sft.RESUME_KEYS (the data file's
+# sha256, and so each record's verifier and reference, is checked there). The tokenizer is
+# compared by the sha256 of its serialized form (any spec naming the same tokenizer
+# passes); the reference model is ``model`` (re-read from that folder on resume).
+RL_RESUME_KEYS = ("steps", "warmup_ratio", "prompts_per_step", "k", "max_prompt_length", "max_new_tokens",
+                  "temperature", "top_p", "beta", "clip_eps", "advantage_scale", "loss_aggregation",
+                  "old_logprobs", "ppo_epochs", "mini_batches", "lr_schedule", "model", "truncated_reward",
+                  "stop_strings", "max_grad_norm", "adam_eps")
 
 
 def _log(text: str) -> None:
@@ -591,11 +599,19 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
     generator.manual_seed(cfg.seed)
     state = checkpointer.resume()
     step = 0
+    tokenizer_sha256 = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
     if state is not None:
+        where = checkpointer.resumed_from
         for key in RL_RESUME_KEYS:
             if key in state["config"] and state["config"][key] != getattr(cfg, key):
-                raise ValueError(f"{key}={getattr(cfg, key)!r} differs from {state['config'][key]!r} in the "
-                                 f"checkpoint: resume needs the same value (or another checkpoint_dir)")
+                raise ValueError(f"{key}={getattr(cfg, key)!r} differs from {state['config'][key]!r} in checkpoint "
+                                 f"{where}: resume needs the same value (or another checkpoint_dir)")
+        saved_sha = state.get("tokenizer_sha256")
+        if saved_sha is not None and saved_sha != tokenizer_sha256:
+            raise ValueError(f"tokenizer {tokenizer_spec!r} (sha256 {tokenizer_sha256[:16]}) differs from the one "
+                             f"checkpoint {where} was trained with (sha256 {saved_sha[:16]}, "
+                             f"tokenizer={state['config'].get('tokenizer')!r}): resume needs the same tokenizer "
+                             "(or another checkpoint_dir)")
         saved = state.get("sampling", "stream")
         if saved != sampling:
             if cfg.sampling_seed != "auto" or (saved == "stream" and world > 1):
@@ -627,7 +643,7 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
 
     def save(at: int) -> None:
         epoch, position = divmod(at * cfg.prompts_per_step, len(prompts))
-        extra = {"sampling": sampling}
+        extra = {"sampling": sampling, "tokenizer_sha256": tokenizer_sha256}
         if sampling == "stream":
             extra["generator"] = _generator_state(generator)
         checkpointer.save(at, epoch, position, extra)
