@@ -176,6 +176,42 @@ def test_stage2_anneals_linearly_to_zero_from_stage1(tmp_path):
     assert [h["lr"] for h in t2.history] == pytest.approx([final_lr * (1 - k / 4) for k in range(1, 5)])
 
 
+def test_stage2_loads_without_drawing_initial_values(tmp_path, monkeypatch):
+    """A stage-2 start (init_from) allocates the model without drawing the initial values the
+    load overwrites: the weights are stage 1's bitwise, the initializer is not called, and a
+    stage-1 checkpoint that lacks one parameter is refused in one line naming it."""
+    import pickle
+
+    import olmo2.train.checkpoint as ckpt
+    import olmo2.train.init as init
+
+    calls = []
+    real = init.init_parameters_
+    monkeypatch.setattr(init, "init_parameters_",
+                        lambda model, seed, spec=None: calls.append(seed) or real(model, seed, spec))
+    t1 = Trainer(make_config(tmp_path, max_steps=2, run_name="stage1"))
+    t1.fit()
+    assert len(calls) == 1
+    stage2 = dict(run_name="stage2", init_from=str(tmp_path / "runs" / "stage1"), optim={"lr": None},
+                  schedule={"name": "linear", "warmup_steps": 0, "final_lr_ratio": 0.0})
+    t2 = Trainer(make_config(tmp_path, max_steps=2, **stage2))
+    assert len(calls) == 1 and t2.init_from.endswith("step00000002")
+    for name, value in params(t1.model).items():
+        assert torch.equal(t2.model.state_dict()[name], value), name
+    t2.close()
+
+    path = ckpt.latest_checkpoint(t1.ckpt_dir)  # the same checkpoint without the final norm's weight
+    meta_file = path / ckpt.STATE_DIR / ".metadata"
+    meta = pickle.loads(meta_file.read_bytes())
+    del meta.state_dict_metadata["model.model.norm.weight"]
+    meta_file.write_bytes(pickle.dumps(meta))
+    ckpt.write_manifest(path)  # it verifies: only its contents are short
+    with pytest.raises(ckpt.CheckpointError) as refused:
+        Trainer(make_config(tmp_path, max_steps=2, **{**stage2, "run_name": "stage2b"}))
+    assert "lacks model parameter model.norm.weight" in str(refused.value)
+    assert "\n" not in str(refused.value) and len(calls) == 1
+
+
 def test_stage2_needs_init_from(tmp_path):
     with pytest.raises(ConfigError, match="optim.lr is null"):
         make_config(tmp_path, optim={"lr": None})

@@ -285,24 +285,27 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         # Built on meta, parallelized, then each rank allocates and initializes only
         # its own shards (olmo2.train.init): the same weights for any number of ranks
-        # and any mesh, and no rank ever holds the full model. A run that resumes
-        # skips the initial values (32B over 64 ranks: ~10 s a rank), which the load
-        # overwrites: it loads the full model state dict or fails (a checkpoint that
-        # lacks a parameter is refused, ckpt.load_checkpoint), never training on the
-        # allocated memory.
+        # and any mesh, and no rank ever holds the full model. A run that resumes, or
+        # starts stage 2 from init_from, skips the initial values (32B over 64 ranks:
+        # ~10 s a rank), which the load overwrites: it loads the full model state dict
+        # or fails (a checkpoint that lacks a parameter is refused,
+        # ckpt.load_checkpoint), never training on the allocated memory.
         cfg, par = self.cfg, self.cfg.parallel
         return build_model(cfg.model, self.strategy, self.device, self.precision, cfg.seed,
                            activation_checkpointing=par.activation_checkpointing, compile=par.compile,
                            reduce_fp32=par.reduce_fp32, shard_degree=par.shard_degree,
-                           init_values=not self._will_resume())
+                           init_values=not self._will_load_weights())
 
-    def _will_resume(self) -> bool:
+    def _will_load_weights(self) -> bool:
         """Whether :meth:`_restore` will load a checkpoint into the whole model or raise:
         ``resume=auto`` with a checkpoint in the run folder (if none loads, it raises
-        rather than start from scratch), or ``resume=PATH``."""
-        if self.cfg.resume == "auto":
-            return bool(ckpt.list_checkpoints(self.ckpt_dir))
-        return self.cfg.resume != "never"
+        rather than start from scratch), ``resume=PATH``, or else ``init_from`` (a
+        folder without a checkpoint is refused)."""
+        if self.cfg.resume == "auto" and ckpt.list_checkpoints(self.ckpt_dir):
+            return True
+        if self.cfg.resume not in ("auto", "never"):
+            return True
+        return bool(self.cfg.init_from)
 
     def _apply_optim_hparams(self) -> None:
         """The config's AdamW settings win over those a loaded checkpoint carried."""
