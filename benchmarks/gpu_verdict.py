@@ -207,7 +207,6 @@ def run_op(op: str, args, device, emit, deadline: float | None = None) -> bool:
     import olmo2_kernels
     from benchmarks import harness
     from benchmarks.specs import SPECS
-    from olmo2_kernels import _backend
 
     sys.path.insert(0, str(ROOT / "tests"))
     from tolerances import tolerance  # the one tolerance table
@@ -223,7 +222,7 @@ def run_op(op: str, args, device, emit, deadline: float | None = None) -> bool:
             for backend in args.backends:
                 rec = {"op": op, "backend": backend, "dtype": dname, "label": label, "dims": dims,
                        "strided": strided, "status": "SKIP"}
-                reason = _backend.unavailable_reason(backend, device.type, op)
+                reason = olmo2_kernels.backend_unavailable_reason(backend, device, op)
                 if reason:
                     rec["reason"] = reason
                     emit(rec)
@@ -318,13 +317,13 @@ def _header(device, backends) -> str:
     import torch
     import triton
 
-    from olmo2_kernels import _backend
+    import olmo2_kernels
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     text = (f"[verdict] {name} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {triton.__version__}"
             f" | TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     for b in backends:
-        reason = _backend.unavailable_reason(b, device.type, None)
+        reason = olmo2_kernels.backend_unavailable_reason(b, device)
         text += f"\n[verdict] backend {b}: {'available' if reason is None else 'unavailable: ' + reason}"
     return text
 

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 import olmo2_kernels
-from olmo2_kernels import _backend, reference
+from olmo2_kernels import reference
 
 from .specs import EPS, IGNORE_INDEX, Z_LOSS, OpSpec
 
@@ -61,9 +61,7 @@ class BackendImpl(Impl):
     def unavailable(self, op, device, dtype, quick):
         if self.name == "triton" and device.type == "cpu":
             return "Triton runs CPU tensors only under its interpreter, which exists for tests; never benchmarked"
-        if self.name != "torch" and dtype not in _backend.KERNEL_DTYPES:
-            return f"the kernels take {[str(d) for d in _backend.KERNEL_DTYPES]}, not {dtype}"
-        return _backend.unavailable_reason(self.name, device.type, op)
+        return olmo2_kernels.backend_unavailable_reason(self.name, device, op, dtype)
 
     def build(self, spec, dims):
         fn = getattr(olmo2_kernels, spec.name)

@@ -194,10 +194,16 @@ def _attention_context(attn: str):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
 
+def _auto_backends(olmo2_kernels, device, dtype) -> dict[str, str]:
+    """The backend ``auto`` runs each op on for this device and dtype."""
+    with olmo2_kernels.use_backend("auto"):
+        return {op: olmo2_kernels.selected_backend(op, device, dtype) for op in _OPS}
+
+
 def _variant(impl, ours, model_cfg, device, dtype, olmo2_kernels, attn="sdpa"):
     """(callable model, backend name for use_backend, note)."""
     if impl == "kernels":
-        chosen = {op: olmo2_kernels._backend.resolve_auto_name(device.type, op) for op in _OPS}
+        chosen = _auto_backends(olmo2_kernels, device, dtype)
         return ours, "auto", "backends: " + ", ".join(f"{op}={b}" for op, b in chosen.items())
     if impl == "eager":
         return ours, "torch", None
@@ -206,7 +212,7 @@ def _variant(impl, ours, model_cfg, device, dtype, olmo2_kernels, attn="sdpa"):
         return torch.compile(ours), "torch", None
     if impl == "kernels+compile":
         torch._dynamo.reset()
-        chosen = {op: olmo2_kernels._backend.resolve_auto_name(device.type, op) for op in _OPS}
+        chosen = _auto_backends(olmo2_kernels, device, dtype)
         return torch.compile(ours), "auto", "backends: " + ", ".join(f"{op}={b}" for op, b in chosen.items())
     if impl == "transformers":
         import transformers

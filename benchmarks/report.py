@@ -56,9 +56,9 @@ def _cpu_name() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from olmo2_kernels import _extension
+    import olmo2_kernels
 
-    isa = _extension.capabilities().get("cpu_isa")
+    isa = olmo2_kernels.backend_info()["extension"]["capabilities"].get("cpu_isa")
     kernels = f", {isa} kernels" if isa else ""
     return f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads{kernels})"
 

@@ -7,7 +7,15 @@ Each op is a drop-in function with forward and backward, registered as a
 by :func:`use_backend`, the ``OLMO2_KERNELS_BACKEND`` variable, or ``auto``.
 """
 from . import _validate as checks  # input checks (range_checks_enabled, ...), public for the model package
-from ._backend import BACKENDS, BackendUnavailableError, backend_info, use_backend
+from ._backend import (
+    BACKENDS,
+    OPS,
+    BackendUnavailableError,
+    backend_info,
+    backend_unavailable_reason,
+    selected_backend,
+    use_backend,
+)
 from .cross_entropy import cross_entropy
 from .linear_cross_entropy import linear_cross_entropy
 from .qk_norm_rope import qk_norm_rope, rope_cos_sin
@@ -19,14 +27,17 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "OPS",
     "RMSNorm",
     "backend_info",
+    "backend_unavailable_reason",
     "checks",
     "cross_entropy",
     "linear_cross_entropy",
     "qk_norm_rope",
     "rms_norm",
     "rope_cos_sin",
+    "selected_backend",
     "swiglu",
     "use_backend",
 ]

@@ -32,6 +32,7 @@ BACKENDS = ("torch", "triton", "cuda", "cpu")
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "OLMO2_KERNELS_BACKEND"
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OPS = ("rms_norm", "qk_norm_rope", "swiglu", "cross_entropy", "linear_cross_entropy")  # each module's OP
 
 # Order in which ``auto`` tries backends per device type. On CPU the Triton
 # interpreter is far slower than eager PyTorch, so it is never chosen
@@ -151,6 +152,30 @@ def unavailable_reason(backend: str, device_type: str, op: str | None = None) ->
             return f"extension has no cpu kernel for {op}"
         return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def backend_unavailable_reason(backend: str, device: torch.device | str, op: str | None = None,
+                               dtype: torch.dtype | None = None) -> str | None:
+    """None when ``backend`` can run ``op`` (any op when None) on ``device``'s tensors
+    of ``dtype`` (any kernel dtype when None), else the reason in one line.
+
+    >>> backend_unavailable_reason("cuda", "cpu")
+    'the cuda backend runs CUDA tensors, not cpu tensors'
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if dtype is not None and backend != "torch" and dtype not in KERNEL_DTYPES:
+        return f"the kernels take {[str(d) for d in KERNEL_DTYPES]}, not {dtype} (float64 runs on 'torch')"
+    return unavailable_reason(backend, torch.device(device).type, op)
+
+
+def selected_backend(op: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """The backend a call of ``op`` on ``device``/``dtype`` tensors runs now, under the
+    current :func:`use_backend` / ``OLMO2_KERNELS_BACKEND`` choice (``auto`` resolved).
+    Raises :class:`BackendUnavailableError` exactly when such a call would."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return resolve(op, torch.device(device), dtype)
 
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype) -> str:

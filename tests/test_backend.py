@@ -119,6 +119,30 @@ def test_auto_on_cpu_prefers_the_extension_when_it_has_the_op():
         assert _backend.resolve("rms_norm", torch.device("cpu"), torch.float32) == expected
 
 
+def test_public_backend_queries_agree_with_what_a_call_runs(monkeypatch):
+    import importlib
+
+    assert olmo2_kernels.OPS == tuple(importlib.import_module(f"olmo2_kernels.{op}").OP for op in olmo2_kernels.OPS)
+    cpu = torch.device("cpu")
+    for op in olmo2_kernels.OPS:
+        with olmo2_kernels.use_backend("auto"):
+            assert olmo2_kernels.selected_backend(op, "cpu", torch.float32) == _backend.resolve(op, cpu, torch.float32)
+            assert olmo2_kernels.selected_backend(op, cpu, torch.float64) == "torch"
+        with olmo2_kernels.use_backend("cuda"):
+            with pytest.raises(olmo2_kernels.BackendUnavailableError, match=f"{op}: backend 'cuda' is unavailable"):
+                olmo2_kernels.selected_backend(op, cpu)
+        for backend in olmo2_kernels.BACKENDS:
+            assert olmo2_kernels.backend_unavailable_reason(backend, "cpu", op) == _backend.unavailable_reason(
+                backend, "cpu", op)
+    assert olmo2_kernels.backend_unavailable_reason("torch", "cpu", "rms_norm", torch.float64) is None
+    assert "not torch.float64" in olmo2_kernels.backend_unavailable_reason("cpu", "cpu", "rms_norm", torch.float64)
+    assert olmo2_kernels.backend_unavailable_reason("cuda", "cpu") == "the cuda backend runs CUDA tensors, not cpu tensors"
+    with pytest.raises(ValueError, match="op must be one of"):
+        olmo2_kernels.selected_backend("layer_norm", cpu)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        olmo2_kernels.backend_unavailable_reason("rocm", cpu)
+
+
 def test_triton_on_cpu_needs_the_interpreter():
     reason = _backend.unavailable_reason("triton", "cpu", "rms_norm")
     if _backend.TRITON_INTERPRET:

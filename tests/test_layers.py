@@ -4,6 +4,8 @@ parsed with ``ast``.
 
 * ``olmo2_kernels`` never imports ``olmo2``: the kernels ship alone.
 * The benchmarks depend on both; neither imports them.
+* Outside ``olmo2_kernels`` only its public names are used: no import of a private
+  module (``olmo2_kernels._backend``) and no ``olmo2_kernels._name`` attribute.
 * No cycle among the modules of the two packages: an import that would close one
   (a model that imports its own checkpoint I/O, a config that imports the
   trainer) fails here with the cycle spelled out.
@@ -143,6 +145,38 @@ def test_nothing_below_imports_the_benchmarks():
         for target in targets if target.partition(".")[0] == "benchmarks"
     )
     assert not offenders, "olmo2 and olmo2_kernels must not depend on the benchmarks:\n" + "\n".join(offenders)
+
+
+def private_kernel_uses(path: Path, known: set[str]) -> list[str]:
+    """``olmo2_kernels._x`` imports and attribute reads in the file at ``path``."""
+    name = module_name(path) if path.is_relative_to(ROOT) else path.stem
+    found = [f"imports {t}" for t in sorted(imports_of(name, path, known))
+             if t.startswith("olmo2_kernels.") and t.split(".")[1].startswith("_")]
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if (isinstance(node, ast.ImportFrom) and node.module == "olmo2_kernels" and not node.level
+                and any(a.name.startswith("_") and not a.name.startswith("__") for a in node.names)):
+            found.append(f"line {node.lineno}: from olmo2_kernels import {', '.join(a.name for a in node.names)}")
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "olmo2_kernels"
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"line {node.lineno}: olmo2_kernels.{node.attr}")
+    return found
+
+
+def test_only_public_kernel_names_are_used_outside_the_kernel_package():
+    modules = discover()
+    known = set(modules)
+    offenders = [f"{path.relative_to(ROOT)}: {use}" for name, path in modules.items()
+                 if not name.startswith("olmo2_kernels") for use in private_kernel_uses(path, known)]
+    assert not offenders, "use olmo2_kernels' public API (add to __all__ what is missing):\n" + "\n".join(offenders)
+
+
+def test_the_checker_sees_private_kernel_names(tmp_path):
+    known = {"olmo2_kernels", "olmo2_kernels._backend"}
+    (tmp_path / "bench.py").write_text("import olmo2_kernels\nfrom olmo2_kernels import _backend\n"
+                                       "def f():\n    return olmo2_kernels._backend.OPS, olmo2_kernels.__version__\n")
+    uses = private_kernel_uses(tmp_path / "bench.py", known)
+    assert uses == ["imports olmo2_kernels._backend", "line 2: from olmo2_kernels import _backend",
+                    "line 4: olmo2_kernels._backend"], uses
 
 
 def test_no_import_cycles():
