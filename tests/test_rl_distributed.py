@@ -144,3 +144,20 @@ def test_layout_deals_prompts_to_ranks_in_turn():
     layout = Layout(n_prompts=3, k=2, world=2, rank=1)
     assert layout.slots() == [1] and layout.rows() == [2, 3] and layout.rows(0) == [0, 1, 4, 5]
     assert layout.max_rows() == 4
+
+
+def test_fsdp_param_groups_read_either_layout_of_the_private_state():
+    """gathered_weights reads FSDP2's private parameter groups: the list of torch 2.13
+    and the single group (or None) of earlier releases, such as the GPU image's."""
+    from types import SimpleNamespace
+
+    from olmo2.train.parallel import _param_groups
+
+    def module(**state):
+        return SimpleNamespace(_get_fsdp_state=lambda: SimpleNamespace(**state))
+
+    assert _param_groups(module(_fsdp_param_groups=["a", "b"])) == ["a", "b"]
+    assert _param_groups(module(_fsdp_param_group="a")) == ["a"]
+    assert _param_groups(module(_fsdp_param_group=None)) == []
+    with pytest.raises(RuntimeError, match="neither _fsdp_param_groups nor _fsdp_param_group"):
+        _param_groups(module())

@@ -256,6 +256,20 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _param_groups(module: nn.Module) -> list:
+    """An FSDP2 module's parameter groups (private state: torch 2.13 keeps a list
+    ``_fsdp_param_groups``, earlier releases one ``_fsdp_param_group`` or None)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    if not hasattr(state, "_fsdp_param_group"):
+        raise RuntimeError(f"gathered_weights: torch {torch.__version__}'s FSDP2 state has neither _fsdp_param_groups "
+                           "nor _fsdp_param_group; this torch is not supported for sampling under FSDP")
+    group = state._fsdp_param_group
+    return [] if group is None else [group]
+
+
 @contextlib.contextmanager
 def gathered_weights(model: nn.Module):
     """FSDP2: all-gather every parameter once on entry and keep them gathered until exit,
@@ -272,8 +286,7 @@ def gathered_weights(model: nn.Module):
     # The root must be lazily initialized first (as its forward would), else the first
     # block to run would take itself for the root. A private method: no public one exists.
     modules[0]._get_fsdp_state()._lazy_init()
-    resharded = [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
-                 for m in modules]
+    resharded = [any(g.post_forward_mesh_info is not None for g in _param_groups(m)) for m in modules]
     for m in modules:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
