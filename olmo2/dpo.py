@@ -26,6 +26,12 @@ What this module owns: :class:`DPOConfig` and presets, :func:`sequence_logps`
   names the reference log-probs file and its sha256, which a resumed run reads
   instead of recomputing (the checkpoint's policy is no longer the reference); a
   resume with another reference file (or other data) is refused, naming both.
+* **In-loop evaluation** (``eval.*``, as for SFT): every ``eval.interval`` steps and
+  after the last, :func:`heldout_metrics` over the held-out pairs ``eval.data`` (loss,
+  accuracy, margin, chosen/rejected rewards and log-probs, means over all pairs),
+  against reference log-probs computed once, before the first step, into their own
+  file (``eval.ref_cache``, default ``output/reference_logps_eval.pt``; it records
+  the held-out data's sha256 and the starting model, and a resumed run reads it back).
 * **Data parallel** as for SFT (``torchrun --nproc_per_node=N -m olmo2.cli.dpo ...``):
   each rank runs a disjoint share of a step's micro-batches and the loss is the
   mean over the step's pairs of all ranks; the reference pass is sharded the same
@@ -38,7 +44,7 @@ import math
 import pickle
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,7 +54,9 @@ from torch import Tensor, nn
 from .chat import IGNORE_INDEX, read_preference_jsonl
 from .model import Olmo2ForCausalLM
 from .sft import (
+    InLoopEvaluation,
     Parallel,
+    PostTrainEvalConfig,
     PostTrainCheckpointer,
     Row,
     build_optimizer,
@@ -56,11 +64,13 @@ from .sft import (
     checkpoint_dir,
     collate,
     data_order,
+    eval_summary,
     finish_run,
     load_tokenizer_for,
     open_metrics,
     pad_id_for,
     rank_share,
+    read_heldout,
     setup_model,
 )
 from .train.parallel import DistInfo, all_reduce_sum, no_grad_sync
@@ -97,6 +107,7 @@ class DPOConfig:
     keep_last: int = 2  # checkpoints kept (0: all)
     checkpoint_dir: str = ""  # empty: output/checkpoints; a rerun of the same command resumes from it
     hard_stop: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0: off
+    eval: PostTrainEvalConfig = field(default_factory=PostTrainEvalConfig)  # in-loop evaluation: the eval.* keys
 
     def __post_init__(self) -> None:
         check_common(self, "DPOConfig")
@@ -191,8 +202,11 @@ def _log(text: str) -> None:
     print(f"olmo2-dpo: {text}", file=sys.stderr, flush=True)
 
 
-def load_reference(cache: Path, n_pairs: int) -> tuple[Tensor, str]:
-    """The cached reference log-probs and the file's sha256."""
+def load_reference(cache: Path, n_pairs: int, key: str = "ref_cache",
+                   expect: dict | None = None) -> tuple[Tensor, str]:
+    """The cached reference log-probs and the file's sha256; every item of ``expect``
+    must be recorded in the file (the held-out cache records the data's sha256 and the
+    starting model)."""
     from .files import file_digest
 
     try:
@@ -201,10 +215,14 @@ def load_reference(cache: Path, n_pairs: int) -> tuple[Tensor, str]:
         saved = exc
     if not isinstance(saved, dict) or not isinstance(saved.get("logps"), Tensor):
         why = f" ({(str(saved).splitlines() or [type(saved).__name__])[0][:200]})" if isinstance(saved, Exception) else ""
-        raise ValueError(f"ref_cache {cache}: not a reference log-prob file written by olmo2-dpo{why}")
+        raise ValueError(f"{key} {cache}: not a reference log-prob file written by olmo2-dpo{why}")
     ref = saved["logps"]
+    for name, value in (expect or {}).items():
+        if saved.get(name) != value:
+            raise ValueError(f"{key} {cache}: computed with {name} {str(saved.get(name))[:64]!r}, not with this run's "
+                             f"{str(value)[:64]!r} (data {saved.get('data')}); delete the file to recompute it")
     if ref.shape != (n_pairs, 2):
-        raise ValueError(f"ref_cache {cache}: holds {tuple(ref.shape)} log-probs, the data has {n_pairs} pairs")
+        raise ValueError(f"{key} {cache}: holds {tuple(ref.shape)} log-probs, the data has {n_pairs} pairs")
     return ref, file_digest(cache)
 
 
@@ -213,7 +231,6 @@ def prepare_reference(cfg: DPOConfig, par: Parallel, pairs: list[dict], pad_id: 
     checkpoint's policy is no longer the reference), else computed (sharded across
     ranks), written once by rank 0 atomically and read back by every rank. Returns
     them and what the checkpoints record of them."""
-    from .files import atomic_write
     from .train.checkpoint import list_checkpoints
 
     if cfg.loss_type == "simpo":
@@ -226,15 +243,52 @@ def prepare_reference(cfg: DPOConfig, par: Parallel, pairs: list[dict], pad_id: 
         ref, digest = load_reference(cache, len(pairs))
         log(f"reference log-probs of {len(pairs)} pairs read from {cache}")
     else:
-        ref = reference_logps(par.model, pairs, pad_id, cfg.micro_batch_size, par.device, par.dist, par.autocast)
-        if par.dist.is_main:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(cache, "wb", encoding=None) as f:
-                torch.save({"data": str(cfg.data), "model": str(cfg.model), "logps": ref}, f)
-        par.barrier()
+        write_reference(par, pairs, pad_id, cfg.micro_batch_size, cache, {"data": str(cfg.data), "model": str(cfg.model)})
         ref, digest = load_reference(cache, len(pairs))
         log(f"reference log-probs of {len(pairs)} pairs cached in {cache}")
     return ref, {"ref_cache": str(cache), "ref_cache_sha256": digest}
+
+
+def write_reference(par: Parallel, pairs: list[dict], pad_id: int, batch_size: int, cache: Path, about: dict) -> None:
+    """Compute the reference log-probs of ``pairs`` (sharded across ranks) and write them
+    with ``about`` to ``cache``, once, by rank 0, atomically; every rank waits for it."""
+    from .files import atomic_write
+
+    ref = reference_logps(par.model, pairs, pad_id, batch_size, par.device, par.dist, par.autocast)
+    if par.dist.is_main:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cache, "wb", encoding=None) as f:
+            torch.save({**about, "logps": ref}, f)
+    par.barrier()
+
+
+def prepare_eval_reference(cfg: DPOConfig, par: Parallel, pairs: list[dict], pad_id: int,
+                           log) -> tuple[Tensor | None, dict]:
+    """The held-out pairs' reference log-probs, in their own file (``eval.ref_cache``,
+    default ``output/reference_logps_eval.pt``), which records the held-out data's
+    sha256 and the starting model. A resumed run reads the file back, refusing one
+    computed on other data; a fresh run, or a resumed one whose file is missing,
+    computes it: this runs before the checkpoint is loaded, while the weights are still
+    the starting model's, i.e. the reference. Returns them and what the checkpoints
+    record of them (the file, its sha256, the held-out data's sha256)."""
+    from .files import file_digest
+    from .train.checkpoint import list_checkpoints
+
+    data_sha256 = file_digest(cfg.eval.data)
+    recorded = {"eval_data": str(cfg.eval.data), "eval_data_sha256": data_sha256}
+    if cfg.loss_type == "simpo":
+        return None, recorded
+    cache = Path(cfg.eval.ref_cache) if cfg.eval.ref_cache else Path(cfg.output) / "reference_logps_eval.pt"
+    about = {"data": str(cfg.eval.data), "data_sha256": data_sha256, "model": str(cfg.model)}
+    expect = {k: about[k] for k in ("data_sha256", "model")}
+    if list_checkpoints(checkpoint_dir(cfg)) and cache.is_file():
+        ref, digest = load_reference(cache, len(pairs), "eval.ref_cache", expect)
+        log(f"held-out reference log-probs of {len(pairs)} pairs read from {cache}")
+    else:
+        write_reference(par, pairs, pad_id, cfg.micro_batch_size, cache, about)
+        ref, digest = load_reference(cache, len(pairs), "eval.ref_cache", expect)
+        log(f"held-out reference log-probs of {len(pairs)} pairs cached in {cache}")
+    return ref, {**recorded, "eval_ref_cache": str(cache), "eval_ref_cache_sha256": digest}
 
 
 def check_reference(state: dict, recorded: dict, path) -> None:
@@ -278,6 +332,45 @@ def dpo_step(par: Parallel, pairs: list[dict], idx: list[int], ref: Tensor | Non
     return {k: float(v) / len(idx) for k, v in zip(keys, sums)}
 
 
+HELDOUT_KEYS = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected", "logp_chosen", "logp_rejected")
+
+
+@torch.no_grad()
+def heldout_metrics(model: nn.Module, pairs: list[dict], ref: Tensor | None, pad_id: int, batch_size: int,
+                    cfg: DPOConfig, device, dist_info: DistInfo | None = None,
+                    autocast=contextlib.nullcontext) -> dict[str, float]:
+    """The DPO loss, pair accuracy (chosen reward > rejected reward), margin, chosen and
+    rejected rewards and log-probs, each the mean over all held-out ``pairs`` (``ref``:
+    their cached reference log-probs; None for SimPO). Each rank scores its
+    :func:`olmo2.sft.rank_share` of the batches of ``batch_size`` pairs (a rank left
+    without one runs batch 0 and drops it, so FSDP's collectives stay in step); the
+    sums, in float64, are all-reduced once. Eval mode meanwhile, then the model's mode."""
+    batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
+    sums = torch.zeros(len(HELDOUT_KEYS), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for sub in rank_share(list(range(len(batches))), dist_info):
+            idx = batches[sub or 0]
+            b = {k: v.to(device) for k, v in pair_batch([pairs[j] for j in idx], pad_id).items()}
+            with autocast():
+                logps, counts = sequence_logps(model, b)
+            n = len(idx)
+            ref_c = ref_r = None
+            if ref is not None:
+                r = ref[idx].to(device=device, dtype=logps.dtype)
+                ref_c, ref_r = r[:, 0], r[:, 1]
+            losses, m = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, counts[:n], counts[n:], cfg.beta,
+                                 cfg.loss_type, cfg.gamma)
+            if sub is not None:
+                m["loss"] = losses
+                sums += torch.stack([m[k].double().sum() for k in HELDOUT_KEYS])
+    finally:
+        model.train(was_training)
+    sums = all_reduce_sum(sums).cpu()
+    return {k: float(v) / len(pairs) for k, v in zip(HELDOUT_KEYS, sums)}
+
+
 def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     """Run DPO as ``cfg`` says (on every rank of a ``torchrun`` launch); write the HF
     folder ``cfg.output``. Returns per-step metrics."""
@@ -297,6 +390,17 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     optimizer, scheduler = build_optimizer(cfg, par, total_steps)
     checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(pairs), log)
     ref, extra = prepare_reference(cfg, par, pairs, pad_id, log)
+    heldout = None
+    if cfg.eval.data:
+        eval_pairs = read_heldout(cfg, read_preference_jsonl, tokenizer, log)
+        eval_ref, eval_extra = prepare_eval_reference(cfg, par, eval_pairs, pad_id, log)  # before the resume
+        extra = {**extra, **eval_extra}
+
+        def heldout() -> dict[str, float]:
+            return heldout_metrics(par.base, eval_pairs, eval_ref, pad_id, cfg.micro_batch_size, cfg, par.device,
+                                   par.dist, par.autocast)
+
+    evaluation = InLoopEvaluation.build(cfg, par, total_steps, tokenizer_spec, heldout, log)
 
     state = checkpointer.resume()
     if state is not None:
@@ -326,6 +430,10 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
                 metrics.log(step, {**row, "lr": lr, "epoch": epoch,
                                    "step_seconds": round(time.perf_counter() - started, 4)})
                 log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
+                if evaluation is not None and evaluation.due(step):
+                    record = evaluation(step)
+                    metrics.log(step, record)
+                    log(f"eval at step {step}: {eval_summary(record)}")
                 next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
                 if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
                     checkpointer.save(step, next_epoch, next_pos, extra)

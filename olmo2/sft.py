@@ -24,7 +24,7 @@ Why not a stage of :mod:`olmo2.train`: the pretraining trainer is built around a
 token stream (memmapped corpus, fixed-length windows). SFT needs variable-length
 conversations, masks and per-document positions; it is a small loop over the same
 model, kernels, parallelism (:mod:`olmo2.train.parallel`) and checkpoints
-(:mod:`olmo2.train.checkpoint`). Not yet here: in-loop evaluation.
+(:mod:`olmo2.train.checkpoint`).
 
 * **Data parallel** (``torchrun --nproc_per_node=N -m olmo2.cli.sft ...``; ``strategy``
   fsdp, ddp or none): every rank reads the whole data and builds the same step, then
@@ -40,6 +40,11 @@ model, kernels, parallelism (:mod:`olmo2.train.parallel`) and checkpoints
 
 * **Metrics**: one line per step in ``output/metrics.jsonl`` (:class:`olmo2.train.metrics.MetricsLogger`,
   rank 0): loss, target tokens, lr, epoch, step time.
+* **In-loop evaluation** (``eval.*``, :class:`PostTrainEvalConfig`, :class:`InLoopEvaluation`):
+  every ``eval.interval`` steps and after the last step, the loss per target token
+  of the held-out conversations ``eval.data`` (:func:`heldout_loss`; packed like the
+  training rows), and optionally OLMES tasks; a line of its own in ``metrics.jsonl``
+  (``eval/loss``, ``eval/target_tokens``, ``eval/seconds``, ``downstream/...``).
 * **Resume**: every ``save_interval`` steps and at the end, a verified checkpoint in
   the pretraining trainer's format (:class:`PostTrainCheckpointer`: model, optimizer,
   scheduler, data position, RNG) under ``output/checkpoints``; rerunning the same
@@ -54,7 +59,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +70,47 @@ from .model import Olmo2ForCausalLM, document_mask
 from .train.parallel import DistInfo, all_reduce_sum, no_grad_sync
 
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
+
+
+@dataclass
+class PostTrainEvalConfig:
+    """In-loop evaluation of an SFT or DPO run (the ``eval.*`` keys): the held-out
+    data every ``interval`` steps and after the last step, and optionally OLMES tasks."""
+
+    data: str = ""  # held-out JSONL in the training data's format (SFT: messages; DPO: preference pairs)
+    interval: int = 0  # evaluate every N steps and after the last step; 0: never
+    max_examples: int = 0  # evaluate on the first N usable held-out records; 0: all
+    ref_cache: str = ""  # DPO: file for the held-out reference log-probs; empty: output/reference_logps_eval.pt
+    tasks: list[str] = field(default_factory=list)  # OLMES tasks as olmo2-eval --tasks takes them (eval extra)
+    task_limit: int = 200  # first N documents of each task; 0: all
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        for key in ("interval", "max_examples", "task_limit"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
+        if (self.data or self.tasks) and not self.interval:
+            raise ValueError("eval.data or eval.tasks is set but eval.interval is 0; set eval.interval (steps "
+                             "between evaluations, and one after the last step)")
+        if self.interval and not (self.data or self.tasks):
+            raise ValueError(f"eval.interval={self.interval} but there is nothing to evaluate; set eval.data "
+                             "(held-out JSONL) or eval.tasks")
+        if self.tasks:
+            from .eval.tasks import expand_task_names
+
+            try:
+                expand_task_names(self.tasks)  # an unknown task name fails at config time
+            except ValueError as exc:
+                raise ValueError(f"eval.{exc}") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval > 0
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether the run evaluates after ``step``: every ``interval`` steps and after the last one."""
+        return self.enabled and step > 0 and (step % self.interval == 0 or step == total_steps)
 
 
 @dataclass
@@ -93,6 +139,7 @@ class SFTConfig:
     keep_last: int = 2  # checkpoints kept (0: all)
     checkpoint_dir: str = ""  # empty: output/checkpoints; a rerun of the same command resumes from it
     hard_stop: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0: off
+    eval: PostTrainEvalConfig = field(default_factory=PostTrainEvalConfig)  # in-loop evaluation: the eval.* keys
 
     def __post_init__(self) -> None:
         check_common(self, "SFTConfig")
@@ -226,6 +273,37 @@ def step_loss(model: nn.Module, micro_batches: list[dict[str, Tensor]], device,
                             position_ids=b["position_ids"], reduction="sum")
             (out.loss * scale).backward()
         loss_sum += out.loss.detach().double()
+    return float(all_reduce_sum(loss_sum)) / max(total, 1), total
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, rows: list[Row], micro_batch_size: int, pad_id: int, packing: bool, device,
+                 dist_info: DistInfo | None = None, autocast=contextlib.nullcontext) -> tuple[float, int]:
+    """Held-out loss per target token of ``rows`` (:func:`pack`'s, in micro-batches of
+    ``micro_batch_size`` rows): the token losses summed in float64 and divided by the
+    target count, so the value depends neither on the batch split nor on the number of
+    ranks. Each rank scores its :func:`rank_share` of the micro-batches (collated one
+    at a time: a packed row's document mask is max_length^2 bytes); a rank left without
+    one runs a copy whose targets are all ignored, so FSDP's collectives stay in step.
+    One all-reduce of the sum; the count is counted on the host from all the rows,
+    which every rank holds. The model is in eval mode meanwhile, then back in its mode."""
+    total = sum(sum(label != IGNORE_INDEX for label in r.labels[1:]) for r in rows)
+    starts = list(range(0, len(rows), micro_batch_size))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in rank_share(starts, dist_info):
+            b = collate(rows[start or 0 : (start or 0) + micro_batch_size], pad_id, packing)
+            if start is None:
+                b["labels"] = torch.full_like(b["labels"], IGNORE_INDEX)
+            b = {k: v.to(device) for k, v in b.items()}
+            with autocast():
+                out = model(b["input_ids"], labels=b["labels"], attention_mask=b.get("attention_mask"),
+                            position_ids=b["position_ids"], reduction="sum")
+            loss_sum += out.loss.double()
+    finally:
+        model.train(was_training)
     return float(all_reduce_sum(loss_sum)) / max(total, 1), total
 
 
@@ -414,7 +492,7 @@ def export_model(par: Parallel, out: Path, tokenizer_spec: str, cfg, config_name
     config): from a full state dict gathered on rank 0 when the model is sharded."""
     from .checkpoint_hf import save_pretrained
     from .tokenizers import save_tokenizer
-    from .train.checkpoint import model_state_dict
+    from .train.checkpoint import model_state_dict, run_agreed
 
     model = par.base
     if par.strategy == "fsdp":
@@ -422,11 +500,14 @@ def export_model(par: Parallel, out: Path, tokenizer_spec: str, cfg, config_name
         if par.dist.is_main:
             model = Olmo2ForCausalLM.from_config(par.base.config, device="meta")
             model.load_state_dict(full, assign=True)
-    if par.dist.is_main:
-        save_pretrained(model, out, chat_template=CHAT_TEMPLATE)
-        save_tokenizer(tokenizer_spec, out)
-        write_config(out / config_name, cfg)
-    par.barrier()
+
+    def write() -> None:
+        if par.dist.is_main:
+            save_pretrained(model, out, chat_template=CHAT_TEMPLATE)
+            save_tokenizer(tokenizer_spec, out)
+            write_config(out / config_name, cfg)
+
+    run_agreed(write, f"writing the Hugging Face export {out}")  # every rank raises when rank 0 failed
 
 
 def write_config(path: Path, cfg) -> None:
@@ -464,6 +545,16 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     pad_id = pad_id_for(tokenizer, par.base.config.vocab_size)
+    heldout = None
+    if cfg.eval.data:
+        eval_rows = pack(read_heldout(cfg, read_chat_jsonl, tokenizer, log), cfg.max_length, cfg.packing)
+
+        def heldout() -> dict[str, float]:
+            loss, count = heldout_loss(par.base, eval_rows, cfg.micro_batch_size, pad_id, cfg.packing, par.device,
+                                       par.dist, par.autocast)
+            return {"loss": loss, "target_tokens": count}
+
+    evaluation = InLoopEvaluation.build(cfg, par, total_steps, tokenizer_spec, heldout, log)
 
     optimizer, scheduler = build_optimizer(cfg, par, total_steps)
     log(f"{len(examples)} conversations in {len(rows)} rows; {total_steps} steps of {per_step} rows "
@@ -499,6 +590,10 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
                 metrics.log(step, {"loss": loss, "target_tokens": count, "lr": lr, "epoch": epoch,
                                    "step_seconds": round(seconds, 4)})
                 log(f"step {step}/{total_steps} loss {loss:.4f} tokens {count} lr {lr:.3g}")
+                if evaluation is not None and evaluation.due(step):
+                    record = evaluation(step)
+                    metrics.log(step, record)
+                    log(f"eval at step {step}: {eval_summary(record)}")
                 next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
                 if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
                     checkpointer.save(step, next_epoch, next_pos)
@@ -511,6 +606,20 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
         metrics.close()
     finish_run(par, cfg, step, total_steps, tokenizer_spec, "sft_config.json", log)
     return {"losses": losses, "steps": step, "bad_records": len(report.bad)}
+
+
+def read_heldout(cfg, reader, tokenizer, log) -> list:
+    """The usable records of ``cfg.eval.data`` (``reader``: the training data's), the
+    first ``eval.max_examples`` of them; bad records are reported by line as for the data."""
+    if not Path(cfg.eval.data).is_file():
+        raise FileNotFoundError(f"eval.data {cfg.eval.data}: no such file")
+    examples, report = reader(cfg.eval.data, tokenizer, cfg.max_length)
+    log(f"eval.data {report.summary()}")
+    if cfg.eval.max_examples:
+        examples = examples[: cfg.eval.max_examples]
+    if not examples:
+        raise ValueError(f"eval.data {cfg.eval.data}: no usable records")
+    return examples
 
 
 def finish_run(par: Parallel, cfg, step: int, total_steps: int, tokenizer_spec: str, config_name: str,
@@ -532,3 +641,56 @@ def open_metrics(cfg, par: Parallel, total_steps: int, start_step: int):
 
     return MetricsLogger(cfg.output, total_steps, start_step=start_step, enabled=par.dist.is_main,
                          progress=False, tensorboard=False)
+
+
+class InLoopEvaluation:
+    """What an SFT or DPO run evaluates every ``eval.interval`` steps and after its last
+    step: the held-out data (``heldout()``, logged as ``eval/<metric>``) and the OLMES
+    tasks (:class:`olmo2.train.evaluation.DownstreamEvaluator`, logged as
+    ``downstream/<task>/<metric>``), into ``metrics.jsonl`` as a line of their own at
+    the step. Stateless: the steps that evaluate follow from the step, so a resumed
+    run evaluates where an uninterrupted one does; no forward here changes the
+    weights, the optimizer state or an RNG, so the training is the same with or
+    without it (a test checks the weights bitwise)."""
+
+    def __init__(self, cfg, total_steps: int, par: Parallel, heldout=None, downstream=None):
+        self.cfg, self.total_steps, self.par = cfg, total_steps, par
+        self.heldout, self.downstream = heldout, downstream
+
+    @classmethod
+    def build(cls, cfg, par: Parallel, total_steps: int, tokenizer_spec: str, heldout, log) -> "InLoopEvaluation | None":
+        """The component of ``cfg.eval`` (None when evaluation is off); the OLMES tasks
+        are read and tokenized now, once."""
+        if not cfg.eval.enabled:
+            return None
+        downstream = None
+        if cfg.eval.tasks:
+            from .train.evaluation import DownstreamEvalConfig, DownstreamEvaluator
+
+            tasks = DownstreamEvalConfig(tasks=list(cfg.eval.tasks), interval=cfg.eval.interval,
+                                         limit=cfg.eval.task_limit or None, tokenizer=tokenizer_spec,
+                                         max_length=cfg.max_length)
+            downstream = DownstreamEvaluator.build(tasks, run_tokenizer=tokenizer_spec, seq_len=cfg.max_length,
+                                                   vocab_size=par.base.config.vocab_size, max_steps=total_steps,
+                                                   log=log)
+        return cls(cfg, total_steps, par, heldout, downstream)
+
+    def due(self, step: int) -> bool:
+        return self.cfg.eval.due(step, self.total_steps)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        """Evaluate now (collective under ``torchrun``: every rank calls it); the record, the same on every rank."""
+        started = time.perf_counter()
+        record: dict[str, float] = {}
+        if self.heldout is not None:
+            record.update({f"eval/{k}": v for k, v in self.heldout().items()})
+        if self.downstream is not None:
+            record.update(self.downstream(self.par.base, step, autocast=self.par.autocast))
+        record["eval/seconds"] = round(time.perf_counter() - started, 4)
+        return record
+
+
+def eval_summary(record: dict[str, float]) -> str:
+    """The log line of an evaluation record."""
+    shown = {k: v for k, v in record.items() if k.startswith("eval/") or k.endswith("/primary")}
+    return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())

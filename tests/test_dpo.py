@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from olmo2.chat import CHAT_TEMPLATE, IGNORE_INDEX
 from olmo2.checkpoint_hf import save_pretrained
-from olmo2.dpo import dpo_loss, pair_batch, reference_logps, sequence_logps
+from olmo2.dpo import DPOConfig, dpo_loss, heldout_metrics, pair_batch, reference_logps, sequence_logps
 
 from test_sft import VOCAB, tiny
 
@@ -75,6 +75,41 @@ def test_loss_and_gradients_match_plain_float64(kind):
     for k, p in model.named_parameters():
         torch.testing.assert_close(ours[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
     assert metrics["accuracy"].shape == (n,)
+
+
+@torch.no_grad()
+def plain_heldout(model, data, ref, beta, kind, gamma):
+    """float64 spec of the held-out metrics: materialized logits over all pairs at once, the means over pairs."""
+    n = len(data)
+    pi, c = plain_logps(model, pair_batch(data, pad_id=0))
+    ref = ref.double()
+    z = plain_loss(pi[:n], pi[n:], ref[:, 0], ref[:, 1], c[:n], c[n:], beta, kind, gamma)
+    if kind == "dpo_norm":
+        chosen, rejected = (pi[:n] - ref[:, 0]) / c[:n], (pi[n:] - ref[:, 1]) / c[n:]
+    elif kind == "dpo":
+        chosen, rejected = pi[:n] - ref[:, 0], pi[n:] - ref[:, 1]
+    else:
+        chosen, rejected = pi[:n] / c[:n], pi[n:] / c[n:]
+    r_c, r_r = beta * chosen, beta * rejected
+    return {"loss": z.mean(), "accuracy": (r_c > r_r).double().mean(), "margin": (r_c - r_r).mean(),
+            "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(), "logp_chosen": pi[:n].mean(),
+            "logp_rejected": pi[n:].mean()}
+
+
+@pytest.mark.parametrize("kind", ["dpo_norm", "dpo", "simpo"])
+def test_heldout_metrics_equal_float64_from_model_and_cached_reference(kind):
+    """5 pairs in batches of 2 (the last one short): every metric the float64 mean over the pairs, from the
+    policy's materialized logits and the cached reference of another model (so the rewards are not 0)."""
+    data = pairs(5, seed=9)
+    model, ref_model = tiny(seed=10), tiny(seed=11)
+    ref = reference_logps(ref_model, data, pad_id=0, batch_size=2, device="cpu")
+    cfg = DPOConfig(loss_type=kind, beta=2.0, gamma=0.3)
+    got = heldout_metrics(model, data, None if kind == "simpo" else ref, 0, 2, cfg, "cpu")
+    want = plain_heldout(model, data, ref, 2.0, kind, 0.3)
+    assert got.keys() == want.keys() and model.training
+    assert 0.0 < got["accuracy"] < 1.0 and got["margin"] != 0.0
+    for key, value in want.items():
+        assert got[key] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
 
 
 def test_cached_reference_equals_live_model():
@@ -249,3 +284,50 @@ def test_reference_cache_that_is_not_one_is_a_one_line_error(tmp_path):
         load_reference(path, 3)
     torch.save({"logps": torch.zeros(3, 2)}, path)
     assert load_reference(path, 3)[0].shape == (3, 2)
+
+
+def test_dpo_eval_in_loop_matches_the_model_and_cache_and_leaves_training_bitwise(tmp_path, capsys):
+    """Held-out pairs evaluated after every step, stopped at step 2 and resumed: the weights are bitwise those
+    of a run without evaluation; the held-out reference is cached once in its own file (read back on resume,
+    recorded in the checkpoint); the last held-out metrics equal the float64 ones of the exported model and
+    that cache; a bad record is reported by line; a held-out file changed under its cache is refused."""
+    from safetensors.torch import load_file
+
+    from olmo2.chat import read_preference_jsonl
+    from olmo2.checkpoint_hf import load_pretrained
+    from olmo2.files import file_digest
+    from olmo2.tokenizers import load_tokenizer
+
+    run, _ = _dpo_resume_setup(tmp_path)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Add {a} and {a + 1}"}],
+                                        "chosen": [{"role": "assistant", "content": f"{2 * a + 1}"}],
+                                        "rejected": [{"role": "assistant", "content": f"{2 * a} maybe"}]}) + "\n"
+                            for a in range(20, 24)) + "[1, 2]\n")
+    evaluated = [f"eval.data={held}", "eval.interval=1"]
+    assert run("plain") == 0
+    assert run("evaluated", *evaluated, "hard_stop=2") == 0
+    assert run("evaluated", *evaluated) == 0
+    err = capsys.readouterr().err
+    out = tmp_path / "evaluated"
+    cache = out / "reference_logps_eval.pt"
+    assert "4 of 5 records kept, 1 skipped (line 5: record must be an object" in err
+    assert f"held-out reference log-probs of 4 pairs read from {cache}" in err
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    evals = [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in x]
+    assert [x["step"] for x in evals] == [1, 2, 3, 4]
+    state = json.loads((out / "checkpoints" / "step00000004" / "trainer.json").read_text())
+    assert state["eval_ref_cache"] == str(cache) and state["eval_ref_cache_sha256"] == file_digest(cache)
+    saved = torch.load(cache)
+    assert saved["data_sha256"] == file_digest(held) and saved["model"] == str(tmp_path / "base")
+    data, _ = read_preference_jsonl(held, load_tokenizer(str(tmp_path / "base")), 64)
+    want = plain_heldout(load_pretrained(out), data, saved["logps"], 1.0, "dpo_norm", 0.5)
+    for key, value in want.items():
+        assert evals[-1][f"eval/{key}"] == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+    assert evals[-1]["eval/margin"] > evals[0]["eval/margin"]
+
+    held.write_text(held.read_text().replace("Add 20 and 21", "Add 20 and 22"))  # same size, other pairs
+    assert run("evaluated", *evaluated) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"olmo2-dpo: eval.ref_cache {cache}: computed with data_sha256") and "delete" in err

@@ -8,7 +8,7 @@ from olmo2 import Olmo2Config, Olmo2ForCausalLM
 from olmo2.chat import CHAT_TEMPLATE, IGNORE_INDEX
 from olmo2.checkpoint_hf import load_pretrained, save_pretrained
 from olmo2.model import document_mask
-from olmo2.sft import Row, collate, linear_schedule, pack, step_loss
+from olmo2.sft import Row, collate, heldout_loss, linear_schedule, pack, step_loss
 
 VOCAB = 97
 
@@ -79,6 +79,37 @@ def test_gradient_does_not_depend_on_the_split(packing):
         torch.testing.assert_close(g_whole[name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
+@torch.no_grad()
+def plain_loss_per_token(model, convs):
+    """float64 spec of the held-out loss: each conversation alone, materialized logits,
+    -log p of every target token summed over all conversations / their number."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for ids, labels in convs:
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+        targets = torch.tensor(labels[1:])
+        keep = targets != IGNORE_INDEX
+        total -= torch.log_softmax(logits, -1)[keep].gather(-1, targets[keep, None]).sum()
+        count += int(keep.sum())
+    return float(total) / count, count
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_heldout_loss_equals_float64_per_token_mean(packing):
+    """Packed or padded, in micro-batches of 2 rows (the last one short): the float64 mean over target
+    tokens of the conversations one by one; the model's mode is restored."""
+    convs = conversations(7, seed=4)
+    model = tiny(seed=2)
+    rows = pack(convs, max_length=30, packing=packing)
+    assert (len(rows) == 7) != packing and len(rows) % 2 == 1
+    want, count = plain_loss_per_token(model, convs)
+    got, got_count = heldout_loss(model, rows, 2, pad_id=0, packing=packing, device="cpu")
+    assert got_count == count and model.training
+    assert got == pytest.approx(want, rel=1e-5)
+    model.eval()
+    assert heldout_loss(model, rows, 3, 0, packing, "cpu")[0] == pytest.approx(want, rel=1e-5)
+    assert not model.training
+
+
 def test_no_loss_across_boundaries():
     rows = pack(conversations(3), max_length=64, packing=True)
     row = rows[0]
@@ -142,7 +173,11 @@ def test_sft_cli_dry_run_preset_and_errors(capsys):
                         (["strategy=zero"], "olmo2-sft: SFTConfig.strategy must be one of"),
                         (["precision=bf16", "device=cpu", "--data=missing.jsonl"],
                          "olmo2-sft: precision=bf16 is for GPUs; use fp32 (or auto) on CPU"),
-                        (["--config", "missing.yaml"], "olmo2-sft: --config: no such file")]:
+                        (["--config", "missing.yaml"], "olmo2-sft: --config: no such file"),
+                        (["eval.data=held.jsonl"], "olmo2-sft: eval.data or eval.tasks is set but eval.interval is 0"),
+                        (["eval.interval=5"], "olmo2-sft: eval.interval=5 but there is nothing to evaluate"),
+                        (["eval.interval=-1"], "olmo2-sft: eval.interval must be >= 0, got -1"),
+                        (["eval.tasks=[nope]", "eval.interval=1"], "olmo2-sft: eval.tasks: unknown task")]:
         assert main(["--model", "m", "--data", "d", "--output", "o", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(start) and err.count("\n") == 1, err
@@ -172,7 +207,8 @@ def test_shipped_yaml_configs_equal_the_presets(stage, size, capsys):
 def test_help_lists_the_keys_and_exits_0(capsys):
     from olmo2.cli import dpo, sft
 
-    for main, key in ((sft.main, "packing=True"), (dpo.main, "loss_type=dpo_norm")):
+    for main, key in ((sft.main, "packing=True"), (dpo.main, "loss_type=dpo_norm"), (sft.main, "eval.interval=0"),
+                      (dpo.main, "eval.ref_cache=")):
         with pytest.raises(SystemExit) as exit_:
             main(["--help"])
         assert exit_.value.code == 0
@@ -257,3 +293,39 @@ def test_output_may_not_be_the_starting_model(tmp_path, stage, capsys):
     assert main([f"--model={model}", f"--output={tmp_path}/./base", f"--data={tmp_path}/x.jsonl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "output is the starting model's folder" in err[0], err
+
+
+def heldout_file(path, bad=True):
+    """4 held-out conversations (never in _resume_setup's data), then a bad JSON line and one with no answer."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Add {a} and {a + 1}"},
+                                      {"role": "assistant", "content": f"{2 * a + 1}"}]}) for a in range(20, 24)]
+    path.write_text("\n".join(lines + (["{oops", json.dumps({"messages": [{"role": "user", "content": "hi"}]})]
+                                        if bad else [])) + "\n")
+    return path
+
+
+def test_sft_eval_in_loop_is_the_float64_loss_and_leaves_training_bitwise(tmp_path, capsys):
+    """Evaluating after every step (packed), stopped at step 2 and resumed: the weights are bitwise those of
+    a run without evaluation; metrics.jsonl has eval/loss at steps 1-4, the last equal to the float64 loss of
+    the exported model over the first 3 held-out conversations (eval.max_examples); bad records by line."""
+    from olmo2.chat import encode_chat
+    from olmo2.tokenizers import load_tokenizer
+
+    run = _resume_setup(tmp_path)
+    held = heldout_file(tmp_path / "held.jsonl")
+    evaluated = ["packing=true", f"eval.data={held}", "eval.interval=1", "eval.max_examples=3"]
+    assert run("plain", "packing=true") == 0
+    assert run("evaluated", *evaluated, "hard_stop=2") == 0
+    assert run("evaluated", *evaluated) == 0
+    err = capsys.readouterr().err
+    assert "4 of 6 records kept, 2 skipped (line 5: invalid JSON" in err and "line 6: no assistant turn" in err
+    assert _same_weights(tmp_path / "plain", tmp_path / "evaluated")
+    lines = [json.loads(x) for x in (tmp_path / "evaluated" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval/loss" in x]
+    assert [x["step"] for x in evals] == [1, 2, 3, 4] and [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    tokenizer = load_tokenizer(str(tmp_path / "base"))
+    convs = [encode_chat(tokenizer, json.loads(x)["messages"]) for x in held.read_text().splitlines()[:3]]
+    want, count = plain_loss_per_token(load_pretrained(tmp_path / "evaluated"), convs)
+    assert evals[-1]["eval/target_tokens"] == count == 9
+    assert evals[-1]["eval/loss"] == pytest.approx(want, rel=1e-5)
+    assert evals[0]["eval/loss"] > evals[-1]["eval/loss"]

@@ -48,16 +48,22 @@ def keys_help(config_class) -> str:
     import inspect
     import re
 
-    docs = {}
-    for line in inspect.getsource(config_class).splitlines():
-        m = re.match(r"^ {4}(\w+)\s*:.*?#\s*(.+)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2).strip()
-    rows = []
-    for f in dataclasses.fields(config_class):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"  {f'{f.name}={default}':<28} {docs.get(f.name, '')}".rstrip())
-    return "config keys (key=value; the default shown):\n" + "\n".join(rows)
+    def walk(cls, prefix: str) -> list[str]:
+        docs = {}
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"^ {4}(\w+)\s*:.*?#\s*(.+)$", line)
+            if m:
+                docs[m.group(1)] = m.group(2).strip()
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):  # a section (eval): its keys, dotted
+                rows += walk(type(default), f"{prefix}{f.name}.")
+                continue
+            rows.append(f"  {f'{prefix}{f.name}={default}':<28} {docs.get(f.name, '')}".rstrip())
+        return rows
+
+    return "config keys (key=value; the default shown):\n" + "\n".join(walk(config_class, ""))
 
 
 def parser(prog: str, doc: str, config_class, what: dict[str, str], preset_help: str) -> argparse.ArgumentParser:
