@@ -1,6 +1,6 @@
 """SFT and DPO on two CPU ranks (gloo): FSDP2 and DDP end with the weights of one
-process with the same global batch, and a checkpoint written by two ranks resumes
-in one. One spawn runs every two-rank command (a process group each time would
+process with the same global batch and log the same held-out evaluation, and a
+checkpoint written by two ranks resumes in one. One spawn runs every two-rank command (a process group each time would
 cost more than the runs)."""
 import datetime
 import json
@@ -61,6 +61,15 @@ def runs(tmp_path_factory):
     save_pretrained(tiny(vocab=258), base)
     save_tokenizer("byte", base)
     chat, prefs = root / "chat.jsonl", root / "prefs.jsonl"
+    # 5 held-out records, one per forward: rank 1 scores 2 and runs one copy that counts for nothing
+    held_chat, held_prefs = root / "held_chat.jsonl", root / "held_prefs.jsonl"
+    held_chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Add {a} and {a + 2}"},
+                                                          {"role": "assistant", "content": f"{2 * a + 2}"}]}) + "\n"
+                                 for a in range(20, 25)))
+    held_prefs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Add {a} and {a + 2}"}],
+                                              "chosen": [{"role": "assistant", "content": f"{2 * a + 2}"}],
+                                              "rejected": [{"role": "assistant", "content": f"{2 * a} or so"}]})
+                                  + "\n" for a in range(20, 25)))
     chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Add {a} and {a + 1}"},
                                                      {"role": "assistant", "content": f"{2 * a + 1}"}]}) + "\n"
                             for a in range(9)))
@@ -69,15 +78,16 @@ def runs(tmp_path_factory):
                                          "rejected": [{"role": "assistant", "content": f"{2 * a + 2} or so"}]})
                              + "\n" for a in range(9)))
 
-    def argv(command, out, *extra):
+    def argv(command, out, *extra, evaluate=True):
         keys = SFT if command == "sft" else DPO
+        held = [f"eval.data={held_chat if command == 'sft' else held_prefs}", "eval.interval=2"] if evaluate else []
         return command, ["--model", str(base), "--data", str(chat if command == "sft" else prefs),
-                         "--output", str(root / out), *keys, *extra]
+                         "--output", str(root / out), *keys, *held, *extra]
 
     for command in ("sft", "dpo"):  # one process: the reference
         assert (sft if command == "sft" else dpo).main(argv(command, f"{command}-one")[1]) == 0
     two_rank = [argv("sft", "sft-fsdp", "strategy=fsdp"), argv("sft", "sft-ddp", "strategy=ddp"),
-                argv("sft", "sft-stopped", "strategy=fsdp", "hard_stop=2"),
+                argv("sft", "sft-stopped", "strategy=fsdp", "hard_stop=2", evaluate=False),
                 argv("dpo", "dpo-fsdp", "strategy=fsdp"), argv("dpo", "dpo-ddp", "strategy=ddp"),
                 argv("dpo", "dpo-stopped", "strategy=fsdp", "hard_stop=2")]
     mp.spawn(_worker, args=(2, _free_port(), two_rank), nprocs=2, join=True)
@@ -104,10 +114,30 @@ def test_two_ranks_match_one_process(runs, run):
 
 def test_dpo_reference_pass_sharded_equals_one_process(runs):
     root, _ = runs
-    one = torch.load(root / "dpo-one" / "reference_logps.pt")["logps"]
-    two = torch.load(root / "dpo-fsdp" / "reference_logps.pt")["logps"]
-    assert two.shape == (9, 2)
-    torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
+    for name, n in (("reference_logps.pt", 9), ("reference_logps_eval.pt", 5)):
+        one = torch.load(root / "dpo-one" / name)["logps"]
+        two = torch.load(root / "dpo-fsdp" / name)["logps"]
+        assert two.shape == (n, 2)
+        torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
+
+
+def evaluations(folder):
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {x["step"]: {k: v for k, v in x.items() if k.startswith("eval/") and k != "eval/seconds"}
+            for x in lines if "eval/loss" in x}
+
+
+@pytest.mark.parametrize("run", ["sft-fsdp", "sft-ddp", "dpo-fsdp", "dpo-ddp"])
+def test_two_ranks_evaluate_as_one_process(runs, run):
+    """Each rank scores a disjoint share of the held-out set and the sums are all-reduced: the held-out
+    metrics at steps 2 and 3 (the last) are one process's, up to the rounding the weights differ by."""
+    root, _ = runs
+    one, two = evaluations(root / f"{run.split('-')[0]}-one"), evaluations(root / run)
+    assert sorted(one) == sorted(two) == [2, 3]
+    for step, record in one.items():
+        assert two[step].keys() == record.keys() and len(record) in (2, 7)
+        for key, value in record.items():
+            assert two[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
 
 
 @pytest.mark.parametrize("command", ["sft", "dpo"])
@@ -118,8 +148,15 @@ def test_two_rank_checkpoint_resumes_in_one_process(runs, command, capsys):
     root, argv = runs
     out = root / f"{command}-stopped"
     assert not (out / "model.safetensors").exists()
-    assert (sft if command == "sft" else dpo).main(argv(command, f"{command}-stopped")[1]) == 0
-    assert "at step 2 (epoch 0, item 8)" in capsys.readouterr().err
+    evaluate = command == "dpo"  # DPO's held-out reference, written by 2 ranks, is read back by one process
+    assert (sft if command == "sft" else dpo).main(argv(command, f"{command}-stopped", evaluate=evaluate)[1]) == 0
+    err = capsys.readouterr().err
+    assert "at step 2 (epoch 0, item 8)" in err
+    if evaluate:
+        assert "held-out reference log-probs of 5 pairs read from" in err
+        got, want = evaluations(out), evaluations(root / "dpo-one")
+        assert sorted(got) == sorted(want) == [2, 3]
+        assert all(got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6) for step in want)
     reference = weights(root / f"{command}-one")
     got = weights(out)
     for name, value in reference.items():
