@@ -329,3 +329,25 @@ def test_sft_eval_in_loop_is_the_float64_loss_and_leaves_training_bitwise(tmp_pa
     assert evals[-1]["eval/target_tokens"] == count == 9
     assert evals[-1]["eval/loss"] == pytest.approx(want, rel=1e-5)
     assert evals[0]["eval/loss"] > evals[-1]["eval/loss"]
+
+
+def test_sft_eval_tasks_score_the_olmes_task_in_the_loop(tmp_path, monkeypatch, capsys):
+    """eval.tasks: the downstream record (pretraining's DownstreamEvaluator) at the interval and the last step,
+    the last one equal to scoring the exported model directly; with no eval.data there is no eval/loss."""
+    import olmo2.train.evaluation as evaluation
+    from olmo2.eval.evaluate import evaluate_tasks
+    from olmo2.eval.tasks import task_from_examples
+    from olmo2.tokenizers import load_tokenizer
+    from test_eval import examples
+
+    toy = task_from_examples("arc_easy:rc", examples(6, seed=5), load_tokenizer("byte"), max_length=64)
+    monkeypatch.setattr(evaluation, "load_task", lambda name, tokenizer, max_length, limit: toy)
+    run = _resume_setup(tmp_path)
+    assert run("tasks", "max_steps=3", "eval.tasks=[arc_easy:rc]", "eval.interval=2") == 0
+    assert "downstream evaluation: 1 task(s) (arc_easy:rc)" in capsys.readouterr().err
+    lines = [json.loads(x) for x in (tmp_path / "tasks" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval/seconds" in x]
+    assert [x["step"] for x in evals] == [2, 3] and not any("eval/loss" in x for x in evals)
+    want = evaluate_tasks(load_pretrained(tmp_path / "tasks"), [toy], progress=False)[0].metrics
+    assert evals[-1]["downstream/arc_easy:rc/primary"] == pytest.approx(want["primary"], abs=1e-9)
+    assert evals[-1]["downstream/arc_easy:rc/acc_raw"] == pytest.approx(want["acc_raw"], abs=1e-9)
