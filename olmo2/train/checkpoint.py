@@ -35,6 +35,17 @@ the run folder must be on a file system all ranks share. A save that fails
 (a full disk: ``OSError`` ENOSPC naming the folder) removes its temporary
 folder and leaves the older checkpoints as they were.
 
+Failures with several ranks: each step of a save that can fail on some ranks
+only (rank 0 making the folder, a rank's RNG file, rank 0's small files, manifest
+and rename) ends in an agreement, one ``all_gather_object`` of a short string per
+step, so when one rank fails every rank raises the same one-line
+:class:`CheckpointError` naming the checkpoint, the rank and its error, within
+seconds (not after the process-group timeout, 30 minutes on NCCL, in a barrier
+the failed rank never reached), with the temporary folder already removed. Loads
+agree the same way: verification and trainer.json are read on rank 0 and
+broadcast, and a local problem on one rank (its RNG file) is raised on every rank,
+so :func:`load_newest_good` falls back to the same checkpoint everywhere.
+
 Verification: ``manifest.json`` lists each file's size and sha256 and is
 written last, into the temporary folder, before the rename. Loading checks it
 first (``checkpoint.verify``: ``checksum``, or ``size`` for sizes only); a
@@ -388,19 +399,15 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     """
     root, tmp, final = _begin_save(root, step, model, optimizer)
     record = _trainer_record(step, trainer_state)
-    try:
+
+    def write_state() -> None:
         state = _train_state_dicts(model, optimizer)
         with _quiet_dcp():
             _dcp().save(state, checkpoint_id=str(tmp / STATE_DIR))
         torch.save(rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
-        _barrier()
-        if _rank() == 0:
-            _write_rest(tmp, record, config_yaml, tokenizer_json)
-    except BaseException as exc:
-        _discard(tmp, exc)
-    if _rank() == 0:
-        _publish(root, tmp, final, keep_last)
-    _barrier()
+
+    _save_step(tmp, final, write_state)
+    _save_step(tmp, final, lambda: _finish_on_rank0(root, tmp, final, record, config_yaml, tokenizer_json, keep_last))
     return final
 
 
@@ -413,16 +420,69 @@ def _begin_save(root: str | os.PathLike, step: int, model: nn.Module,
         raise NonFiniteStateError(f"step {step}: {bad} holds NaN or infinity; not saving a checkpoint of it ({root})")
     name = step_dirname(step)
     tmp = root / f".tmp-{name}"
-    try:
+
+    def make_folder() -> None:
         if _rank() == 0:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a crash during an earlier save
             (tmp / "rng").mkdir(parents=True)
-    except BaseException as exc:
-        _discard(tmp, exc)
-    _barrier()
+
+    _save_step(tmp, root / name, make_folder)
     return root, tmp, root / name
+
+
+def _failure_text(exc: BaseException, tmp: Path) -> str:
+    """One line for a failed save step: the disk-full line naming the folder, else the exception's first line."""
+    full = disk_full_error(_unwrap(exc), tmp)
+    if full is not None:
+        return f"no space left on device ({full.filename})"
+    return _first_line(exc)
+
+
+def _agree_on_failure(exc: BaseException | None, describe: Callable[[BaseException], str],
+                      group: dist.ProcessGroup | None = None) -> tuple[int, str] | None:
+    """Collective over ``group``: the lowest rank whose step raised and its one-line
+    description, the same on every rank; None when no rank failed. One
+    ``all_gather_object`` of a short string (or None) per call: a barrier too."""
+    mine = None if exc is None else describe(exc)
+    texts: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(texts, mine, group=group)
+    for rank, text in enumerate(texts):
+        if text is not None:
+            return rank, text
+    return None
+
+
+def _save_step(tmp: Path, final: Path, step: Callable[[], None], group: dist.ProcessGroup | None = None) -> None:
+    """Run one step of a save on every rank (it may do nothing on some) and agree on
+    the outcome. In one process a failure is :func:`_discard`-ed (the temporary folder
+    removed, the error re-raised, a full disk as ``OSError`` ENOSPC naming the folder).
+    With several ranks, when the step raised on any rank, rank 0 removes the temporary
+    folder and every rank raises the same :class:`CheckpointError`, naming the
+    checkpoint, the rank that failed and its error, within the time of one collective
+    (before, the other ranks waited in a barrier until the process-group timeout)."""
+    exc: BaseException | None = None
+    try:
+        step()
+    except BaseException as caught:  # noqa: BLE001 - agreed on below, then raised on every rank
+        exc = caught
+    if _world() == 1:
+        if exc is not None:
+            _discard(tmp, exc)
+        return
+    failed = _agree_on_failure(exc, lambda e: _failure_text(e, tmp), group)
+    if failed is None:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier(group=group)  # the folder is gone when any rank reports the failure
+    if exc is not None and not isinstance(exc, Exception):
+        raise exc  # KeyboardInterrupt or SystemExit on this rank: as it is
+    rank, text = failed
+    raise CheckpointError(f"saving checkpoint {final.name} failed on rank {rank} of {_world()}: {text}; "
+                          f"the temporary folder is removed, the older checkpoints are as they were ({tmp})",
+                          final)
 
 
 def _trainer_record(step: int, trainer_state: dict[str, Any]) -> dict[str, Any]:
@@ -443,6 +503,15 @@ def _write_rest(tmp: Path, record: dict[str, Any], config_yaml: str | None,
     fsync_dir(tmp)
 
 
+def _finish_on_rank0(root: Path, tmp: Path, final: Path, record: dict[str, Any], config_yaml: str | None,
+                     tokenizer_json: str | os.PathLike | None, keep_last: int) -> None:
+    """Rank 0, once every rank's state and RNG are written: the small files and the
+    manifest, then the rename into place (:func:`_publish`)."""
+    if _rank() == 0:
+        _write_rest(tmp, record, config_yaml, tokenizer_json)
+        _publish(root, tmp, final, keep_last)
+
+
 def _discard(tmp: Path, exc: BaseException) -> None:
     """A failed save: rank 0 removes the incomplete folder (freeing its space); re-raise,
     as the disk-full error naming the folder when that is the cause."""
@@ -461,7 +530,11 @@ def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
         # Re-saving a step (after resuming from an earlier one): swap, then drop the old copy.
         old = root / f".old-{name}-{os.getpid()}"
         os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(old, final)  # put the old copy back where it was
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
@@ -519,24 +592,27 @@ def save_checkpoint_async(root: str | os.PathLike, step: int, model: nn.Module,
         # filter must outlive this call (a catch_warnings block would end before the thread runs).
         warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized, "
                                                   r"assuming the intent is to save in a single process")
-    try:
-        torch.save(rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
+    # The RNG files first, agreed on, so no rank starts the background write (whose
+    # collectives the others would never join) when one of them failed.
+    _save_step(tmp, final, lambda: torch.save(rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt"))
+    started: list[Future] = []
+
+    def stage() -> None:
         state = _train_state_dicts(model, optimizer)
         with _quiet_dcp():
-            written = _dcp().async_save(state, checkpoint_id=str(tmp / STATE_DIR), process_group=process_group,
-                                        no_dist=_world() == 1)
-    except BaseException as exc:
-        _discard(tmp, exc)
+            started.append(_dcp().async_save(state, checkpoint_id=str(tmp / STATE_DIR), process_group=process_group,
+                                             no_dist=_world() == 1))
+
+    # A copy that fails on one rank only (host memory) leaves the others' background
+    # writes waiting in DCP's collectives until the write group's timeout.
+    _save_step(tmp, final, stage)
+    written = started[0]
 
     def finish() -> Path:
-        try:
-            written.result()
-            if _rank() == 0:
-                _write_rest(tmp, record, config_yaml, tokenizer_json)
-        except BaseException as exc:
-            _discard(tmp, exc)
-        if _rank() == 0:
-            _publish(root, tmp, final, keep_last)
+        # Collectives on process_group (the write group), never the training group.
+        _save_step(tmp, final, written.result, process_group)
+        _save_step(tmp, final, lambda: _finish_on_rank0(root, tmp, final, record, config_yaml, tokenizer_json,
+                                                        keep_last), process_group)
         return final
 
     return AsyncSave(step, tmp, final, executor.submit(finish))
@@ -571,7 +647,9 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> list[Path]:
 
 # ---------------------------------------------------------------------- load
 def _on_rank0(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only and give every rank its result, or its CheckpointError."""
+    """Run ``fn`` on rank 0 only and give every rank its result, or its CheckpointError
+    (another exception, a file rank 0 cannot read, say: an ``OSError`` with its first
+    line on every rank, rather than the other ranks waiting in the broadcast)."""
     if _world() == 1:
         return fn()
     out: list[Any] = [None]
@@ -579,11 +657,15 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
         try:
             out[0] = ("ok", fn())
         except CheckpointError as exc:
-            out[0] = ("error", str(exc))
+            out[0] = ("checkpoint", str(exc))
+        except Exception as exc:  # noqa: BLE001 - raised below on every rank, as one line
+            out[0] = ("other", _first_line(exc))
     dist.broadcast_object_list(out, src=0)
     kind, value = out[0]
-    if kind == "error":
+    if kind == "checkpoint":
         raise CheckpointError(value)
+    if kind == "other":
+        raise OSError(f"rank 0 of {_world()}: {value}")
     return value
 
 
@@ -623,9 +705,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if not verified and log is not None:
         log(f"warning: checkpoint {path} has no {MANIFEST_FILE} (saved before checkpoints were verified): "
             "loading it after a structural check only")
-    trainer = read_trainer_state(path)
+    trainer = _on_rank0(lambda: read_trainer_state(path))
     state = _train_state_dicts(model, optimizer)
-    _check_covers(path, state["model"])
+    _load_step(path, lambda: _check_covers(path, state["model"]))
     try:
         with _quiet_dcp():
             _dcp().load(state, checkpoint_id=str(path / STATE_DIR))
@@ -640,13 +722,39 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if bad is not None:
         raise _damaged(path, STATE_DIR, f"holds NaN or infinity ({bad})")
     rng_file = path / "rng" / f"rank{_rank():05d}.pt"
-    if restore_rng and trainer.get("world_size") == _world() and rng_file.is_file():
-        try:
-            rng = torch.load(rng_file, weights_only=False)
-        except Exception as exc:  # noqa: BLE001
-            raise _damaged(path, f"rng/{rng_file.name}", f"cannot be loaded ({_first_line(exc)})") from None
-        set_rng_state(rng)
+    if restore_rng and trainer.get("world_size") == _world():
+        def read_rng() -> dict[str, Any] | None:
+            if not rng_file.is_file():
+                return None
+            try:
+                return torch.load(rng_file, weights_only=False)
+            except Exception as exc:  # noqa: BLE001
+                raise _damaged(path, f"rng/{rng_file.name}", f"cannot be loaded ({_first_line(exc)})") from None
+
+        rng = _load_step(path, read_rng)
+        if rng is not None:
+            set_rng_state(rng)
     return trainer
+
+
+def _load_step(path: Path, step: Callable[[], Any]) -> Any:
+    """Run a local step of a load on every rank and agree on it: a :class:`CheckpointError`
+    on any rank is raised on every rank with that rank's message (so
+    :func:`load_newest_good` judges the checkpoint the same everywhere and moves on to
+    the same older one, instead of the ranks parting ways in the next collective)."""
+    try:
+        result, exc = step(), None
+    except CheckpointError as caught:
+        result, exc = None, caught
+    if _world() == 1:
+        if exc is not None:
+            raise exc
+        return result
+    failed = _agree_on_failure(exc, str)
+    if failed is None:
+        return result
+    rank, text = failed
+    raise CheckpointError(f"rank {rank} of {_world()}: {text}", path) from None
 
 
 def load_newest_good(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -681,16 +789,42 @@ def load_newest_good(path: str | os.PathLike, model: nn.Module, optimizer: torch
             names = ", ".join(p.name for p, _ in failed)
             moved = ""
             if move_damaged:
-                moved = "; moved aside as " + ", ".join(_move_damaged(p).name for p, _ in failed)
-                if _rank() == 0:
-                    _write_text(root / LATEST, candidate.name + "\n")
-                _barrier()
+                targets: list[Path] = []
+
+                def move_aside() -> None:
+                    targets.extend(_move_damaged(p) for p, _ in failed)
+                    if _rank() == 0:
+                        _write_text(root / LATEST, candidate.name + "\n")
+
+                run_agreed(move_aside, f"moving the damaged checkpoints of {root} aside")
+                moved = "; moved aside as " + ", ".join(t.name for t in targets)
             log(f"WARNING: FELL BACK to {candidate} because the newer checkpoint(s) {names} failed verification"
                 f"{moved}; the steps after {state['step']} will be trained again")
         return candidate, state
     raise CheckpointError(
         f"no checkpoint in {root} can be loaded ({len(failed)} tried; newest: {failed[0][1]}); refusing to start "
         f"from scratch: move the damaged checkpoints away, or train under another run_name ({root})", root)
+
+
+def run_agreed(step: Callable[[], None], what: str) -> None:
+    """Collective: run ``step`` on every rank (rank 0 may be the only one that acts, as
+    in a write of shared files) and agree: when it raised on any rank, every rank raises
+    the same one-line ``OSError`` naming ``what``, the rank and its error, instead of
+    the others waiting in the next barrier until the process-group timeout. In one
+    process the error is raised as it is."""
+    try:
+        step()
+        exc = None
+    except Exception as caught:  # noqa: BLE001 - agreed on below
+        exc = caught
+    if _world() == 1:
+        if exc is not None:
+            raise exc
+        return
+    failed = _agree_on_failure(exc, _first_line)
+    if failed is not None:
+        rank, text = failed
+        raise OSError(f"{what} failed on rank {rank} of {_world()}: {text}")
 
 
 def _move_damaged(path: Path) -> Path:
@@ -766,21 +900,22 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_json: str 
     """Write the (possibly sharded) model in Hugging Face format to ``out_dir``
     (collective: gathers a full fp32 CPU state dict, rank 0 writes). Returns the
     folder on rank 0, None on the others."""
-    full = model_state_dict(model, full=True)
-    if _rank() != 0:
-        _barrier()
-        return None
     config = model.config if hasattr(model, "config") else None
     if config is None:
         raise TypeError(f"export_hf: model must carry an Olmo2Config as .config, got {type(model).__name__}")
-    plain = Olmo2ForCausalLM.from_config(config, device="meta")
-    plain.load_state_dict(full, assign=True)
+    full = model_state_dict(model, full=True)
     out = Path(out_dir)
-    save_pretrained(plain, out)
-    if tokenizer_json is not None:
-        atomic_copy(tokenizer_json, out / "tokenizer.json")
-    _barrier()
-    return out
+
+    def write() -> None:
+        if _rank() == 0:
+            plain = Olmo2ForCausalLM.from_config(config, device="meta")
+            plain.load_state_dict(full, assign=True)
+            save_pretrained(plain, out)
+            if tokenizer_json is not None:
+                atomic_copy(tokenizer_json, out / "tokenizer.json")
+
+    run_agreed(write, f"writing the Hugging Face export {out}")
+    return out if _rank() == 0 else None
 
 
 # ---------------------------------------------------------------------- the trainer's component
@@ -864,6 +999,8 @@ class Checkpointer:
         try:
             pending.future.result()
             cause = "it failed on another rank"
+        except CheckpointError as exc:  # agreed on by the ranks: the same text on each
+            cause = str(exc)
         except BaseException as exc:  # noqa: BLE001 - reported as one line below
             cause = _first_line(exc)
         raise CheckpointError(
