@@ -64,7 +64,6 @@ from .sft import (
     checkpoint_dir,
     collate,
     data_order,
-    eval_summary,
     finish_run,
     load_tokenizer_for,
     open_metrics,
@@ -243,7 +242,8 @@ def prepare_reference(cfg: DPOConfig, par: Parallel, pairs: list[dict], pad_id: 
         ref, digest = load_reference(cache, len(pairs))
         log(f"reference log-probs of {len(pairs)} pairs read from {cache}")
     else:
-        write_reference(par, pairs, pad_id, cfg.micro_batch_size, cache, {"data": str(cfg.data), "model": str(cfg.model)})
+        write_reference(par, pairs, pad_id, cfg.micro_batch_size, cache,
+                        {"data": str(cfg.data), "model": str(cfg.model)})
         ref, digest = load_reference(cache, len(pairs))
         log(f"reference log-probs of {len(pairs)} pairs cached in {cache}")
     return ref, {"ref_cache": str(cache), "ref_cache_sha256": digest}
@@ -412,6 +412,8 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     par.model.train()
     metrics = open_metrics(cfg, par, total_steps, step)
     try:
+        if evaluation is not None and step == 0:
+            evaluation.maybe(0, metrics, log)  # eval.at_start
         for epoch in range(first_epoch, cfg.epochs):
             order = data_order(len(pairs), cfg.seed, epoch)
             for start in range(position if epoch == first_epoch else 0, len(order), per_step):
@@ -430,10 +432,8 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
                 metrics.log(step, {**row, "lr": lr, "epoch": epoch,
                                    "step_seconds": round(time.perf_counter() - started, 4)})
                 log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
-                if evaluation is not None and evaluation.due(step):
-                    record = evaluation(step)
-                    metrics.log(step, record)
-                    log(f"eval at step {step}: {eval_summary(record)}")
+                if evaluation is not None:
+                    evaluation.maybe(step, metrics, log)
                 next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
                 if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
                     checkpointer.save(step, next_epoch, next_pos, extra)

@@ -83,6 +83,7 @@ class PostTrainEvalConfig:
     ref_cache: str = ""  # DPO: file for the held-out reference log-probs; empty: output/reference_logps_eval.pt
     tasks: list[str] = field(default_factory=list)  # OLMES tasks as olmo2-eval --tasks takes them (eval extra)
     task_limit: int = 200  # first N documents of each task; 0: all
+    at_start: bool = False  # also evaluate before the first step (step 0: the starting model)
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -109,8 +110,11 @@ class PostTrainEvalConfig:
         return self.interval > 0
 
     def due(self, step: int, total_steps: int) -> bool:
-        """Whether the run evaluates after ``step``: every ``interval`` steps and after the last one."""
-        return self.enabled and step > 0 and (step % self.interval == 0 or step == total_steps)
+        """Whether the run evaluates after ``step``: every ``interval`` steps, after the
+        last one, and with ``at_start`` at step 0."""
+        if not self.enabled or (step == 0 and not self.at_start):
+            return False
+        return step % self.interval == 0 or step == total_steps
 
 
 @dataclass
@@ -568,6 +572,8 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
     saved_step = step if state else -1
     metrics = open_metrics(cfg, par, total_steps, step)
     try:
+        if evaluation is not None and step == 0:
+            evaluation.maybe(0, metrics, log)  # eval.at_start
         for epoch in range(first_epoch, cfg.epochs):
             order = data_order(len(rows), cfg.seed, epoch)
             for start in range(position if epoch == first_epoch else 0, len(order), per_step):
@@ -590,10 +596,8 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
                 metrics.log(step, {"loss": loss, "target_tokens": count, "lr": lr, "epoch": epoch,
                                    "step_seconds": round(seconds, 4)})
                 log(f"step {step}/{total_steps} loss {loss:.4f} tokens {count} lr {lr:.3g}")
-                if evaluation is not None and evaluation.due(step):
-                    record = evaluation(step)
-                    metrics.log(step, record)
-                    log(f"eval at step {step}: {eval_summary(record)}")
+                if evaluation is not None:
+                    evaluation.maybe(step, metrics, log)
                 next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
                 if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
                     checkpointer.save(step, next_epoch, next_pos)
@@ -658,7 +662,8 @@ class InLoopEvaluation:
         self.heldout, self.downstream = heldout, downstream
 
     @classmethod
-    def build(cls, cfg, par: Parallel, total_steps: int, tokenizer_spec: str, heldout, log) -> "InLoopEvaluation | None":
+    def build(cls, cfg, par: Parallel, total_steps: int, tokenizer_spec: str, heldout,
+              log) -> "InLoopEvaluation | None":
         """The component of ``cfg.eval`` (None when evaluation is off); the OLMES tasks
         are read and tokenized now, once."""
         if not cfg.eval.enabled:
@@ -688,6 +693,13 @@ class InLoopEvaluation:
             record.update(self.downstream(self.par.base, step, autocast=self.par.autocast))
         record["eval/seconds"] = round(time.perf_counter() - started, 4)
         return record
+
+    def maybe(self, step: int, metrics, log) -> None:
+        """Evaluate if ``step`` is due, into ``metrics.jsonl`` (a line of its own) and the log."""
+        if self.due(step):
+            record = self(step)
+            metrics.log(step, record)
+            log(f"eval at step {step}: {eval_summary(record)}")
 
 
 def eval_summary(record: dict[str, float]) -> str:

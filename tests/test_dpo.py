@@ -1,5 +1,6 @@
 """olmo2.dpo: fused sequence log-probs, the DPO losses and gradients against plain float64, the cached reference, a tiny run."""
 import json
+import math
 
 import pytest
 import torch
@@ -287,10 +288,11 @@ def test_reference_cache_that_is_not_one_is_a_one_line_error(tmp_path):
 
 
 def test_dpo_eval_in_loop_matches_the_model_and_cache_and_leaves_training_bitwise(tmp_path, capsys):
-    """Held-out pairs evaluated after every step, stopped at step 2 and resumed: the weights are bitwise those
-    of a run without evaluation; the held-out reference is cached once in its own file (read back on resume,
-    recorded in the checkpoint); the last held-out metrics equal the float64 ones of the exported model and
-    that cache; a bad record is reported by line; a held-out file changed under its cache is refused."""
+    """Held-out pairs evaluated at the start and after every step, stopped at step 2 and resumed: the weights
+    are bitwise those of a run without evaluation; the held-out reference is cached once in its own file (read
+    back on resume, recorded in the checkpoint); the last held-out metrics equal the float64 ones of the
+    exported model and that cache; a bad record is reported by line; a held-out file changed under its cache
+    is refused."""
     from safetensors.torch import load_file
 
     from olmo2.chat import read_preference_jsonl
@@ -304,7 +306,7 @@ def test_dpo_eval_in_loop_matches_the_model_and_cache_and_leaves_training_bitwis
                                         "chosen": [{"role": "assistant", "content": f"{2 * a + 1}"}],
                                         "rejected": [{"role": "assistant", "content": f"{2 * a} maybe"}]}) + "\n"
                             for a in range(20, 24)) + "[1, 2]\n")
-    evaluated = [f"eval.data={held}", "eval.interval=1"]
+    evaluated = [f"eval.data={held}", "eval.interval=1", "eval.at_start=true"]
     assert run("plain") == 0
     assert run("evaluated", *evaluated, "hard_stop=2") == 0
     assert run("evaluated", *evaluated) == 0
@@ -316,7 +318,9 @@ def test_dpo_eval_in_loop_matches_the_model_and_cache_and_leaves_training_bitwis
     a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     evals = [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval/loss" in x]
-    assert [x["step"] for x in evals] == [1, 2, 3, 4]
+    assert [x["step"] for x in evals] == [0, 1, 2, 3, 4]
+    # step 0: the policy is the reference, scored in the same batches: margin exactly 0, loss log 2
+    assert evals[0]["eval/margin"] == 0.0 and evals[0]["eval/loss"] == pytest.approx(math.log(2), rel=1e-6)
     state = json.loads((out / "checkpoints" / "step00000004" / "trainer.json").read_text())
     assert state["eval_ref_cache"] == str(cache) and state["eval_ref_cache_sha256"] == file_digest(cache)
     saved = torch.load(cache)

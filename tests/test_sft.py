@@ -305,15 +305,16 @@ def heldout_file(path, bad=True):
 
 
 def test_sft_eval_in_loop_is_the_float64_loss_and_leaves_training_bitwise(tmp_path, capsys):
-    """Evaluating after every step (packed), stopped at step 2 and resumed: the weights are bitwise those of
-    a run without evaluation; metrics.jsonl has eval/loss at steps 1-4, the last equal to the float64 loss of
-    the exported model over the first 3 held-out conversations (eval.max_examples); bad records by line."""
+    """Evaluating before the first step and after every step (packed), stopped at step 2 and resumed: the
+    weights are bitwise those of a run without evaluation; metrics.jsonl has eval/loss at steps 0-4, the first
+    and last equal to the float64 loss of the base and the exported model over the first 3 held-out
+    conversations (eval.max_examples); bad records reported by line."""
     from olmo2.chat import encode_chat
     from olmo2.tokenizers import load_tokenizer
 
     run = _resume_setup(tmp_path)
     held = heldout_file(tmp_path / "held.jsonl")
-    evaluated = ["packing=true", f"eval.data={held}", "eval.interval=1", "eval.max_examples=3"]
+    evaluated = ["packing=true", f"eval.data={held}", "eval.interval=1", "eval.max_examples=3", "eval.at_start=true"]
     assert run("plain", "packing=true") == 0
     assert run("evaluated", *evaluated, "hard_stop=2") == 0
     assert run("evaluated", *evaluated) == 0
@@ -322,12 +323,13 @@ def test_sft_eval_in_loop_is_the_float64_loss_and_leaves_training_bitwise(tmp_pa
     assert _same_weights(tmp_path / "plain", tmp_path / "evaluated")
     lines = [json.loads(x) for x in (tmp_path / "evaluated" / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in lines if "eval/loss" in x]
-    assert [x["step"] for x in evals] == [1, 2, 3, 4] and [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
+    assert [x["step"] for x in evals] == [0, 1, 2, 3, 4] and [x["step"] for x in lines if "loss" in x] == [1, 2, 3, 4]
     tokenizer = load_tokenizer(str(tmp_path / "base"))
     convs = [encode_chat(tokenizer, json.loads(x)["messages"]) for x in held.read_text().splitlines()[:3]]
-    want, count = plain_loss_per_token(load_pretrained(tmp_path / "evaluated"), convs)
-    assert evals[-1]["eval/target_tokens"] == count == 9
-    assert evals[-1]["eval/loss"] == pytest.approx(want, rel=1e-5)
+    for step, folder in ((0, "base"), (4, "evaluated")):  # eval.at_start: step 0 is the starting model
+        want, count = plain_loss_per_token(load_pretrained(tmp_path / folder), convs)
+        assert evals[step]["eval/target_tokens"] == count == 9
+        assert evals[step]["eval/loss"] == pytest.approx(want, rel=1e-5)
     assert evals[0]["eval/loss"] > evals[-1]["eval/loss"]
 
 
