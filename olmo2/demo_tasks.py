@@ -15,7 +15,11 @@ What this module owns:
   held-out prompts whose stripped answer equals the reference.
 * :func:`main` (``python -m olmo2.demo_tasks``): data, base accuracy, SFT
   (:func:`olmo2.sft.train_sft`), accuracy, DPO on the pairs
-  (:func:`olmo2.dpo.train_dpo`), accuracy; a table and ``results.json``.
+  (:func:`olmo2.dpo.train_dpo`), accuracy; a table and ``results.json``. Both
+  trainers evaluate in the loop (``eval.*``): SFT the loss on the held-out
+  conversations, DPO the loss, pair accuracy and margin on held-out pairs (the
+  held-out prompts with a made-up wrong answer, :func:`wrong_answer`); the curves
+  go into ``results.json`` (``heldout``), from step 0 (the starting model) on.
 
 Why the tiny pretrained model works with the OLMo 2 Instruct template: its byte
 tokenizer spells ``<|user|>`` and ``<|assistant|>`` as plain bytes and has
@@ -231,6 +235,15 @@ def _log(text: str) -> None:
     print(f"olmo2-demo: {text}", file=sys.stderr, flush=True)
 
 
+def read_heldout_curve(folder: Path) -> list[dict]:
+    """The in-loop evaluations a trainer logged in ``folder/metrics.jsonl`` (its ``eval/*`` lines)."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in x.items() if k == "step" or k.startswith("eval/")} for x in lines if "eval/seconds" in x]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m olmo2.demo_tasks", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="runs/olmo2-tiny/hf", help="HF folder of the base model (olmo2-train's export)")
@@ -250,13 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dpo-samples", type=int, default=4, help="sampled answers per prompt for on-policy pairs")
     p.add_argument("--reuse-sft", action="store_true",
                    help="keep an SFT model already in OUT/sft (same data and seed) and start at DPO")
+    p.add_argument("--sft-eval-interval", type=int, default=50,
+                   help="SFT steps between held-out evaluations (and one after the last step); 0: none")
+    p.add_argument("--dpo-eval-interval", type=int, default=20,
+                   help="DPO steps between held-out evaluations (and one after the last step); 0: none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
 
     import torch
 
     from .dpo import DPOConfig, train_dpo
-    from .sft import SFTConfig, train_sft
+    from .sft import PostTrainEvalConfig, SFTConfig, train_sft
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,9 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     train, test = make_splits(args.n_train, args.n_test, args.seed)
     write_jsonl(out / "sft.jsonl", (chat_record(p_, a) for p_, a in train))
     write_jsonl(out / "test.jsonl", (chat_record(p_, a) for p_, a in test))
+    held_rng = random.Random(args.seed + 2)
+    write_jsonl(out / "test_prefs.jsonl", (preference_record(p_, a, held_rng) for p_, a in test))
     _log(f"{len(train)} training prompts, {len(test)} held-out, in {out}")
 
-    results: dict = {"args": vars(args), "stages": {}}
+    results: dict = {"args": vars(args), "stages": {}, "heldout": {}}
+
+    def heldout_curve(interval: int, data: Path) -> PostTrainEvalConfig:
+        """A stage's eval.* keys; its curve is read back from OUT/<stage>/metrics.jsonl (:func:`read_heldout_curve`)."""
+        if not interval:
+            return PostTrainEvalConfig()
+        return PostTrainEvalConfig(data=str(data), interval=interval, at_start=True)
     clock = time.perf_counter()
 
     def record(stage: str, folder: Path, train_seconds: float) -> None:
@@ -293,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         train_sft(SFTConfig(model=str(base), data=str(out / "sft.jsonl"), output=str(out / "sft"), max_length=256,
                             micro_batch_size=args.sft_rows, grad_accum=1, lr=args.sft_lr, warmup_ratio=0.05,
-                            epochs=args.sft_epochs, seed=args.seed, device="cpu", save_interval=0))
+                            epochs=args.sft_epochs, seed=args.seed, device="cpu", save_interval=0,
+                            eval=heldout_curve(args.sft_eval_interval, out / "test.jsonl")))
+    results["heldout"]["sft"] = read_heldout_curve(out / "sft")
     record("sft", out / "sft", time.perf_counter() - t0)
     t0 = time.perf_counter()
     if args.dpo_pairs == "on_policy":
@@ -306,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(out / "prefs.jsonl", prefs)
     train_dpo(DPOConfig(model=str(out / "sft"), data=str(out / "prefs.jsonl"), output=str(out / "dpo"),
                         max_length=128, micro_batch_size=32, grad_accum=1, lr=args.dpo_lr, beta=args.dpo_beta,
-                        warmup_ratio=0.1, epochs=args.dpo_epochs, seed=args.seed, device="cpu", save_interval=0))
+                        warmup_ratio=0.1, epochs=args.dpo_epochs, seed=args.seed, device="cpu", save_interval=0,
+                        eval=heldout_curve(args.dpo_eval_interval, out / "test_prefs.jsonl")))
+    results["heldout"]["dpo"] = read_heldout_curve(out / "dpo")
     record("dpo", out / "dpo", time.perf_counter() - t0)
     results["total_seconds"] = round(time.perf_counter() - clock, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -315,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage, r in results["stages"].items():
         print(f"{stage:6} {r['accuracy']:11.3f} " + " ".join(f"{r['per_task'].get(k, 0):8.3f}" for k in TASKS)
               + f" {r['train_seconds']:8.1f}")
+    for stage, curve in results["heldout"].items():
+        if curve:
+            keys = ("eval/loss", "eval/accuracy", "eval/margin") if stage == "dpo" else ("eval/loss",)
+            print(f"{stage} held-out " + "; ".join(
+                f"step {c['step']}: " + " ".join(f"{k[5:]} {c[k]:.3f}" for k in keys) for c in curve))
     print(f"total {results['total_seconds']} s; {out / 'results.json'}")
     return 0
 
