@@ -1,4 +1,5 @@
 """olmo2-rl: prompt records with line numbers, seeded rollouts, exact resume mid-RL, several seeds, the CLI."""
+import contextlib
 import json
 
 import pytest
@@ -282,3 +283,93 @@ def test_rl_resume_refuses_a_changed_key_or_tokenizer(tmp_path, base, capsys):
     assert f"differs from the one checkpoint {checkpoint} was trained with" in err
     assert run("tokenizer=byte", "hard_stop=2") == 0
     assert "resumed from" in capsys.readouterr().err
+
+
+def _cpu_bf16(monkeypatch):
+    """olmo2-rl's setup with precision bf16 on CPU (refused by setup_model, which keeps bf16 for GPUs):
+    the fp32 setup, then the precision set to bf16, so the run takes the autocast path it takes on a GPU."""
+    import dataclasses
+
+    import olmo2.sft as sft
+
+    real = sft.setup_model
+
+    def setup(cfg, packing=False):
+        par = real(dataclasses.replace(cfg, precision="fp32"), packing)
+        par.precision = "bf16"
+        return par
+
+    monkeypatch.setattr(sft, "setup_model", setup)
+
+
+def test_rl_bf16_autocast_reaches_sampling_reference_and_update(tmp_path, base):
+    """The precision's autocast is applied in the sampler, the no-grad forwards (reference, recomputed
+    log-probs) and the update: under bf16 autocast the log-probs move by bf16 rounding (more than 1e-3,
+    less than 0.25 on log-probs near -5.5), the sampler's agree with a bf16 forward, and the default
+    (fp32) path is today's (the sampler's log-probs equal a fresh fp32 forward within 1e-5)."""
+    from olmo2.rl.trainer import RLConfig, forward_logps, load_policy, rollout, update
+
+    cfg = RLConfig(model=str(base), data=str(write_prompts(tmp_path / "p.jsonl")), output="o", k=4,
+                   max_new_tokens=6, device="cpu", beta=0.1)
+    model, tokenizer, _ = load_policy(cfg, "cpu")
+    prompts, _ = read_prompts(cfg.data, tokenizer, 64)
+
+    def bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def flat(values):
+        return torch.tensor([x for row in values for x in row], dtype=torch.float64)
+
+    ro = rollout(model, tokenizer, prompts[:2], cfg, torch.Generator().manual_seed(0), 256, autocast=bf16)
+    fp32 = flat(forward_logps(model, ro.rows, 256, 8, "cpu"))
+    low = flat(forward_logps(model, ro.rows, 256, 8, "cpu", autocast=bf16))
+    sampler = flat(ro.old_logps)
+    assert 1e-3 < (low - fp32).abs().max() < 0.25
+    assert 1e-3 < (sampler - fp32).abs().max() < 0.25  # the sampler ran in bf16 ...
+    assert (sampler - low).abs().max() < 0.1  # ... like the bf16 forward
+    ro32 = rollout(model, tokenizer, prompts[:2], cfg, torch.Generator().manual_seed(0), 256)
+    torch.testing.assert_close(flat(ro32.old_logps), flat(forward_logps(model, ro32.rows, 256, 8, "cpu")),
+                               rtol=1e-5, atol=1e-5)
+
+    def one_update(autocast):
+        import copy
+
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        sums = update(m, opt, sched, ro, forward_logps(model, ro.rows, 256, 8, "cpu"), cfg, 256, "cpu",
+                      autocast=autocast)
+        return sums, m
+
+    (s32, m32), (s16, m16) = one_update(contextlib.nullcontext), one_update(bf16)
+    assert s16["loss"] != s32["loss"] and abs(s16["loss"] - s32["loss"]) < 0.05
+    assert all(p.dtype == torch.float32 for p in m16.parameters())  # master weights stay fp32
+
+
+def test_rl_precision_bf16_runs_and_resume_refuses_a_changed_precision(tmp_path, base, capsys, monkeypatch):
+    """A bf16 run (on CPU through autocast, see _cpu_bf16) trains, with numbers near the fp32 run's but
+    not equal; a resume of it in fp32 is refused in one line naming the key, both values and the checkpoint."""
+    from olmo2.cli.rl import main
+
+    data = write_prompts(tmp_path / "prompts.jsonl", n=3)
+    keys = ["steps=2", "prompts_per_step=1", "k=4", "max_new_tokens=4", "max_prompt_length=64", "beta=0.1",
+            "lr=1e-3", "save_interval=0", "device=cpu", "hard_stop=1", "old_logprobs=recompute"]
+
+    def run(out, *extra):
+        return main(["--model", str(base), "--data", str(data), "--output", str(tmp_path / out), *keys, *extra])
+
+    def first_row(out):
+        return json.loads((tmp_path / out / "metrics.jsonl").read_text().splitlines()[0])
+
+    assert run("fp32", "precision=fp32") == 0
+    with monkeypatch.context() as patch:
+        _cpu_bf16(patch)
+        assert run("bf16", "precision=bf16") == 0
+    a, b = first_row("fp32"), first_row("bf16")
+    assert a["entropy"] != b["entropy"] and abs(a["entropy"] - b["entropy"]) < 0.25  # -mean log-prob, ~5.5
+    capsys.readouterr()
+    assert run("bf16", "precision=fp32") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    checkpoint = tmp_path / "bf16" / "checkpoints" / "step00000001"
+    assert err == (f"olmo2-rl: precision='fp32' (here fp32) differs from 'bf16' in checkpoint {checkpoint}: resume "
+                   "needs the same value (or another checkpoint_dir)"), err

@@ -51,6 +51,10 @@ logits; micro-batches of ``micro_batch_size`` completions).
   policy under FSDP2 (1/N of a copy per rank), a full copy per rank under DDP. Metrics
   are summed over ranks and logged by rank 0; evaluation prompts are split over the ranks.
   Checkpoints and the HF export as SFT (sharded DCP; a full state dict gathered on rank 0).
+* **Precision** (``precision``, as SFT and DPO: :func:`olmo2.sft.setup_model`): bf16 is FSDP2's
+  mixed precision or, under DDP and in one process, ``torch.autocast`` (:meth:`olmo2.sft.Parallel.autocast`)
+  around every forward: the sampler (rollout and evaluation), the reference and recomputed log-probs and
+  the update's forward; the loss is fp32. ``fp32`` computes exactly what the loop did before the key.
 * **Metrics**: one line per step in ``output/metrics.jsonl`` (reward mean,
   accuracy = share of completions with reward > 0, advantage stats, share of
   groups with equal rewards, loss, KL, entropy estimate, clip fraction, ratio,
@@ -60,6 +64,7 @@ logits; micro-batches of ``micro_batch_size`` completions).
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -116,7 +121,8 @@ class RLConfig:
     sampling_seed: str = "auto"  # "stream": one generator for the run; "prompt": one per prompt from (seed, step,
     #                              slot), the same samples on any number of ranks; auto: stream on one process
     adam_eps: float = 1e-8
-    dtype: str = "float32"
+    dtype: str = "float32"  # the weights and AdamW state (fp32: the master weights under bf16 precision)
+    precision: str = "auto"  # compute, sampling included: bf16 (FSDP2 mixed precision, else autocast) or fp32; auto: bf16 on GPU
     device: str = ""  # cpu, cuda; empty: cuda when available (one GPU per local rank under torchrun)
     strategy: str = "auto"  # fsdp, ddp, none; auto: fsdp with several ranks
     eval_data: str = ""  # prompt JSONL scored greedily every eval_interval steps (and before step 1)
@@ -154,7 +160,7 @@ class RLConfig:
                              f"{self.temperature}, top_p={self.top_p}")
         choices = {"advantage_scale": ADVANTAGE_SCALES, "loss_aggregation": AGGREGATIONS,
                    "old_logprobs": ("sampler", "recompute"), "lr_schedule": ("linear", "constant"),
-                   "sampling_seed": SAMPLING_SEEDS, "strategy": STRATEGIES}
+                   "sampling_seed": SAMPLING_SEEDS, "strategy": STRATEGIES, "precision": ("auto", "bf16", "fp32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RLConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -218,10 +224,12 @@ def prompt_generator(seed: int, step: int, slot: int, device) -> torch.Generator
 
 
 def rollout(model, tokenizer, prompts: list[Prompt], cfg: RLConfig,
-            generator: torch.Generator | list[torch.Generator], eos: int) -> Rollout:
+            generator: torch.Generator | list[torch.Generator], eos: int,
+            autocast=contextlib.nullcontext) -> Rollout:
     """Sample ``cfg.k`` completions of each prompt, verify them and compute the group advantages.
     ``generator``: one for all prompts, or one per prompt (each prompt's completions drawn
-    from its own, whatever else is decoded with them: :func:`olmo2.generation.sample`)."""
+    from its own, whatever else is decoded with them: :func:`olmo2.generation.sample`).
+    ``autocast``: the run's precision (:meth:`olmo2.sft.Parallel.autocast`)."""
     from ..generation import sample
     from .verifiers import reward as verify
 
@@ -234,7 +242,8 @@ def rollout(model, tokenizer, prompts: list[Prompt], cfg: RLConfig,
                    eos_token_id=eos, stop_strings=[s for s in cfg.stop_strings if s] or None,
                    decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
                    batch_size=cfg.sample_batch_size or None)
-    samples = sample(model, [p.ids for p in prompts], generator=generator, **options)
+    with autocast():
+        samples = sample(model, [p.ids for p in prompts], generator=generator, **options)
     gen_seconds = time.perf_counter() - t0
     model.train(was_training)
     rows, rewards, correct, texts = [], [], [], []
@@ -273,10 +282,11 @@ def _micro(rows: list[Row], pad_id: int, device) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def forward_logps(model, rows: list[Row], pad_id: int, micro_batch_size: int, device,
-                  calls: int = 0) -> list[list[float]]:
+                  calls: int = 0, autocast=contextlib.nullcontext) -> list[list[float]]:
     """Completion-token log-probs of ``rows`` in a no-grad forward (reference or recomputed old policy).
     ``calls``: run at least this many forwards (FSDP2: every rank the same number, repeating a
-    micro-batch whose result is dropped, since each forward all-gathers with the other ranks)."""
+    micro-batch whose result is dropped, since each forward all-gathers with the other ranks).
+    ``autocast``: the run's precision."""
     was_training = model.training
     model.eval()
     out: list[list[float]] = []
@@ -284,7 +294,9 @@ def forward_logps(model, rows: list[Row], pad_id: int, micro_batch_size: int, de
     for n in range(max(len(starts), calls)):
         chunk = rows[starts[n] : starts[n] + micro_batch_size] if n < len(starts) else rows[:1]
         b = _micro(chunk, pad_id, device)
-        logps = token_logps(model, b).double().cpu()
+        with autocast():
+            logps = token_logps(model, b)
+        logps = logps.double().cpu()
         mask = completion_mask(b["labels"]).cpu()
         if n < len(starts):
             out += [logps[j][mask[j]].tolist() for j in range(len(chunk))]
@@ -326,7 +338,7 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
 
 
 def update(model, optimizer, scheduler, ro: Rollout, ref_logps: list[list[float]] | None, cfg: RLConfig,
-           pad_id: int, device, layout: Layout | None = None) -> dict[str, float]:
+           pad_id: int, device, layout: Layout | None = None, autocast=contextlib.nullcontext) -> dict[str, float]:
     """``ppo_epochs`` x ``mini_batches`` optimizer steps of the GRPO loss on one rollout; summed stats.
 
     Under several ranks ``ro`` holds this rank's completions (``layout``): a mini-batch
@@ -335,7 +347,8 @@ def update(model, optimizer, scheduler, ro: Rollout, ref_logps: list[list[float]
     count all-reduced), the loss times the world size (DDP and FSDP2 average the
     gradients over ranks), so the gradient is one process's on the same global batch.
     Every rank runs the same number of micro-batches (the rank with the most rows
-    decides; the others repeat one with weight 0). The stats are summed over ranks."""
+    decides; the others repeat one with weight 0). The stats are summed over ranks.
+    ``autocast``: the run's precision, around the forward only (the loss is fp32)."""
     from ..train.optim import clip_grad_norm_
     from ..train.parallel import no_grad_sync
 
@@ -364,7 +377,9 @@ def update(model, optimizer, scheduler, ro: Rollout, ref_logps: list[list[float]
                 b = _micro(rows, pad_id, device)
                 width = b["input_ids"].shape[1]
                 with no_grad_sync(model, j == n_micro - 1):
-                    logps = token_logps(model, b)
+                    with autocast():
+                        logps = token_logps(model, b)
+                    logps = logps.float()
                     mask = completion_mask(b["labels"])
                     old = _placed(rows, [ro.old_logps[i] for i in sub], width).to(device)
                     ref = (_placed(rows, [ref_logps[i] for i in sub], width).to(device)
@@ -481,18 +496,19 @@ def load_policy(cfg: RLConfig, device):
 
 
 def evaluate_ranks(model, base, tokenizer, prompts: list[Prompt], max_new_tokens: int, samples: int,
-                   temperature: float, seed: int) -> dict:
+                   temperature: float, seed: int, autocast=contextlib.nullcontext) -> dict:
     """:func:`evaluate_prompts` over the ranks of a ``torchrun`` launch: each rank scores
     prompts ``rank, rank + world, ...`` with the weights gathered (:func:`olmo2.train.parallel.gathered_weights`),
     the results are merged on every rank (in the prompts' order). The sampled accuracy
-    draws from a generator seeded ``seed + rank``: with one rank, :func:`evaluate_prompts` itself."""
+    draws from a generator seeded ``seed + rank``: with one rank, :func:`evaluate_prompts` itself.
+    ``autocast``: the run's precision."""
     import torch.distributed as dist
 
     from ..train.parallel import gathered_weights
 
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
-    with gathered_weights(model):
+    with gathered_weights(model), autocast():
         mine = prompts[rank::world]
         part = (evaluate_prompts(base, tokenizer, mine, max_new_tokens, samples, temperature, seed=seed + rank)
                 if mine else None)
@@ -606,6 +622,10 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
             if key in state["config"] and state["config"][key] != getattr(cfg, key):
                 raise ValueError(f"{key}={getattr(cfg, key)!r} differs from {state['config'][key]!r} in checkpoint "
                                  f"{where}: resume needs the same value (or another checkpoint_dir)")
+        saved_precision = state.get("precision")
+        if saved_precision is not None and saved_precision != par.precision:
+            raise ValueError(f"precision={cfg.precision!r} (here {par.precision}) differs from {saved_precision!r} "
+                             f"in checkpoint {where}: resume needs the same value (or another checkpoint_dir)")
         saved_sha = state.get("tokenizer_sha256")
         if saved_sha is not None and saved_sha != tokenizer_sha256:
             raise ValueError(f"tokenizer {tokenizer_spec!r} (sha256 {tokenizer_sha256[:16]}) differs from the one "
@@ -634,7 +654,7 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
 
     def run_eval(at: int) -> None:
         result = evaluate_ranks(par.model, par.base, tokenizer, eval_prompts, eval_tokens, cfg.eval_samples,
-                                cfg.temperature, seed=cfg.seed + 1)
+                                cfg.temperature, seed=cfg.seed + 1, autocast=par.autocast)
         evals[at] = result
         metrics.log(at, {f"eval/{k}": result[k] for k in ("accuracy", "reward", "sampled_accuracy") if k in result})
         sampled = f" sampled_accuracy {result['sampled_accuracy']:.3f}" if "sampled_accuracy" in result else ""
@@ -643,7 +663,7 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
 
     def save(at: int) -> None:
         epoch, position = divmod(at * cfg.prompts_per_step, len(prompts))
-        extra = {"sampling": sampling, "tokenizer_sha256": tokenizer_sha256}
+        extra = {"sampling": sampling, "tokenizer_sha256": tokenizer_sha256, "precision": par.precision}
         if sampling == "stream":
             extra["generator"] = _generator_state(generator)
         checkpointer.save(at, epoch, position, extra)
@@ -660,14 +680,15 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
             gens = (generator if sampling == "stream" else
                     [prompt_generator(cfg.seed, step, s, device) for s in slots])
             with gathered_weights(par.model):
-                ro = rollout(par.base, tokenizer, chunk, cfg, gens, eos)
+                ro = rollout(par.base, tokenizer, chunk, cfg, gens, eos, par.autocast)
             t0 = time.perf_counter()
             if cfg.old_logprobs == "recompute":
-                ro.old_logps = forward_logps(no_grad_model, ro.rows, pad_id, cfg.micro_batch_size, device, calls)
-            ref = (forward_logps(ref_model, ro.rows, pad_id, cfg.micro_batch_size, device, calls)
+                ro.old_logps = forward_logps(no_grad_model, ro.rows, pad_id, cfg.micro_batch_size, device, calls,
+                                             par.autocast)
+            ref = (forward_logps(ref_model, ro.rows, pad_id, cfg.micro_batch_size, device, calls, par.autocast)
                    if ref_model is not None else None)
             lr_used = scheduler.get_last_lr()[0]  # of this rollout's first update
-            sums = update(par.model, optimizer, scheduler, ro, ref, cfg, pad_id, device, layout)
+            sums = update(par.model, optimizer, scheduler, ro, ref, cfg, pad_id, device, layout, par.autocast)
             train_seconds = time.perf_counter() - t0
             step += 1
             n_tok = max(1.0, sums["tokens"])
