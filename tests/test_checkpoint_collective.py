@@ -177,43 +177,80 @@ def test_a_save_step_failing_on_one_rank_fails_on_every_rank_at_once(tmp_path):
     assert "FELL BACK to" in r0["load_log"][-1]
 
 
-def _cli_worker(rank: int, world: int, port: int, argv: list, root: str) -> None:
+def _cli_worker(rank: int, world: int, port: int, runs: list, root: str) -> None:
     import contextlib
 
-    from olmo2.cli.train import main
+    from olmo2.cli import rl, sft, train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    with open(Path(root, f"stderr{rank}.txt"), "w") as err, contextlib.redirect_stderr(err):
-        code = main(argv)
-    Path(root, f"code{rank}.txt").write_text(str(code))
+    # The commands join this group (one spawn for all of them); its 30 s timeout turns a rank
+    # left waiting into an error, and the test's deadline catches the rest.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+    try:
+        for name, argv in runs:
+            main = {"train": train.main, "sft": sft.main, "rl": rl.main}[name]
+            with open(Path(root, f"{name}.stderr{rank}.txt"), "w") as err, contextlib.redirect_stderr(err):
+                code = main(argv)
+            Path(root, f"{name}.code{rank}.txt").write_text(str(code))
+    finally:
+        if dist.is_initialized():  # olmo2-train, run last, leaves the group at its end
+            dist.destroy_process_group()
 
 
-def test_olmo2_train_stops_every_rank_in_one_line_when_the_save_fails_on_one(tmp_path):
-    """olmo2-train on two ranks whose checkpoint folder cannot be made (a regular file where
-    runs/<name>/checkpoints should be): both ranks exit 2 with the same one line. (The trainer's
-    process group has the 30-minute default timeout: a regression is caught by the deadline.)"""
+def test_every_command_stops_every_rank_in_one_line_when_the_save_fails_on_one(tmp_path):
+    """olmo2-train, olmo2-sft and olmo2-rl on two ranks whose checkpoint folder cannot be made
+    (a regular file where it should be, so rank 0's mkdir fails): both ranks exit 2 with the
+    same one line. (olmo2-dpo saves through the same PostTrainCheckpointer as olmo2-sft.)"""
+    from olmo2.checkpoint_hf import save_pretrained
+    from olmo2.tokenizers import save_tokenizer
+    from test_sft import tiny
     from test_train_utils import synthetic_tokens
 
     data = synthetic_tokens(tmp_path / "syn.npy")
     run = tmp_path / "runs" / "blocked"
     run.mkdir(parents=True)
     (run / "checkpoints").write_text("not a folder")
-    argv = ["--preset=test", f"--out_dir={tmp_path / 'runs'}", "--run_name=blocked", "--parallel.strategy=fsdp",
-            f"--data.sources=[{{paths: [{data}]}}]", "--max_steps=2", "--checkpoint.export_hf=false",
-            "--progress=false", "--tensorboard=false"]
-    context = mp.spawn(_cli_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=False)
+    base = tmp_path / "base"
+    save_pretrained(tiny(vocab=258), base)
+    save_tokenizer("byte", base)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Add {a} and {a + 1}"},
+                                                     {"role": "assistant", "content": f"{2 * a + 1}"}]}) + "\n"
+                            for a in range(4)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Add {a} and {a + 1}", "verifier": "gsm8k",
+                                           "reference": str(2 * a + 1)}) + "\n" for a in range(4)))
+    blocked = {name: tmp_path / f"{name}-checkpoints" for name in ("sft", "rl")}
+    for path in blocked.values():
+        path.write_text("not a folder")
+    runs = [  # olmo2-train last: it leaves the process group when it ends
+        ("sft", ["--model", str(base), "--data", str(chat), "--output", str(tmp_path / "sft"), "max_length=64",
+                 "micro_batch_size=1", "grad_accum=2", "max_steps=1", "device=cpu",
+                 f"checkpoint_dir={blocked['sft']}"]),
+        ("rl", ["--model", str(base), "--data", str(prompts), "--output", str(tmp_path / "rl"), "steps=1",
+                "prompts_per_step=2", "k=2", "max_new_tokens=2", "max_prompt_length=64", "beta=0", "device=cpu",
+                f"checkpoint_dir={blocked['rl']}"]),
+        ("train", ["--preset=test", f"--out_dir={tmp_path / 'runs'}", "--run_name=blocked",
+                   "--parallel.strategy=fsdp", f"--data.sources=[{{paths: [{data}]}}]", "--max_steps=2",
+                   "--checkpoint.export_hf=false", "--progress=false", "--tensorboard=false"]),
+    ]
+    context = mp.spawn(_cli_worker, args=(2, _free_port(), runs, str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the two ranks did not finish within {DEADLINE_S} s (a rank waiting for the other?)")
-    last = []
-    for rank in range(2):
-        assert (tmp_path / f"code{rank}.txt").read_text() == "2"
-        last.append((tmp_path / f"stderr{rank}.txt").read_text().strip().splitlines()[-1])
-    assert last[0] == last[1], last
-    assert last[0].startswith("olmo2-train: saving checkpoint step00000002 failed on rank 0 of 2: "), last[0]
-    assert str(run / "checkpoints" / ".tmp-step00000002") in last[0]
+    tmp = {"train": run / "checkpoints" / ".tmp-step00000002", "sft": blocked["sft"] / ".tmp-step00000001",
+           "rl": blocked["rl"] / ".tmp-step00000001"}
+    for name, _ in runs:
+        last = []
+        for rank in range(2):
+            assert (tmp_path / f"{name}.code{rank}.txt").read_text() == "2", name
+            last.append((tmp_path / f"{name}.stderr{rank}.txt").read_text().strip().splitlines()[-1])
+        assert last[0] == last[1], last
+        step = tmp[name].name.removeprefix(".tmp-")
+        assert last[0].startswith(f"olmo2-{name}: saving checkpoint {step} failed on rank 0 of 2: "), last[0]
+        assert last[0].endswith(f"({tmp[name]})"), last[0]
