@@ -9,7 +9,8 @@ rank 0's publish fails in a background save. Each time both ranks raise the same
 regression fails instead of hanging: before, the other rank waited in a barrier
 for the 30-minute default), no ``.tmp-*`` folder is left, and the next save
 works. On load, an RNG file that only rank 1 reads as damaged is judged damaged
-by both ranks, which fall back to the same older checkpoint.
+by both ranks, which fall back to the same older checkpoint and log the same
+lines (the damaged one moved aside under the name rank 0 gave it).
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def _attempt(fn) -> tuple[str | None, float]:
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
     from olmo2.train import checkpoint as ckpt
+    from olmo2.train.parallel import destroy_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -126,15 +128,18 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         found = {}
 
         def load():
-            path, _ = ckpt.load_newest_good(runs, model, verify="size", log=lines.append)
+            path, _ = ckpt.load_newest_good(runs, model, verify="size", log=lines.append, move_damaged=True)
             found["path"] = path.name
 
         out["load"] = _attempt(load)
         out["loaded"] = found.get("path")
         out["load_log"] = lines
         Path(root, f"rank{rank}.json").write_text(json.dumps(out))
+        del model, pending, group
     finally:
-        dist.destroy_process_group()
+        # Joins the gloo threads before the interpreter exits (a thread still dropping a
+        # collective's tensors at shutdown aborts the process: see destroy_distributed).
+        destroy_distributed()
 
 
 def test_a_save_step_failing_on_one_rank_fails_on_every_rank_at_once(tmp_path):
@@ -168,19 +173,21 @@ def test_a_save_step_failing_on_one_rank_fails_on_every_rank_at_once(tmp_path):
         assert r0[case][0] is None and r1[case][0] is None, case
     assert r0["tmp_left"] == [] and r1["tmp_left"] == []
     assert r0["steps"] == r1["steps"] == [1, 4]
-    assert (tmp_path / "runs" / "latest").read_text().strip() == "step00000004"
 
     assert r0["load"][0] is None and r1["load"][0] is None, (r0["load"], r1["load"])
     assert r0["loaded"] == r1["loaded"] == "step00000001"
     assert r0["load_log"] == r1["load_log"]
     assert "rank 1 of 2: checkpoint step00000004: rng/rank00001.pt cannot be loaded" in r0["load_log"][0]
-    assert "FELL BACK to" in r0["load_log"][-1]
+    assert "FELL BACK to" in r0["load_log"][-1] and "moved aside as damaged-step00000004" in r0["load_log"][-1]
+    assert (tmp_path / "runs" / "damaged-step00000004").is_dir()
+    assert (tmp_path / "runs" / "latest").read_text().strip() == "step00000001"
 
 
 def _cli_worker(rank: int, world: int, port: int, runs: list, root: str) -> None:
     import contextlib
 
     from olmo2.cli import rl, sft, train
+    from olmo2.train.parallel import destroy_distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -195,8 +202,7 @@ def _cli_worker(rank: int, world: int, port: int, runs: list, root: str) -> None
                 code = main(argv)
             Path(root, f"{name}.code{rank}.txt").write_text(str(code))
     finally:
-        if dist.is_initialized():  # olmo2-train, run last, leaves the group at its end
-            dist.destroy_process_group()
+        destroy_distributed()  # olmo2-train, run last, already left the group at its end
 
 
 def test_every_command_stops_every_rank_in_one_line_when_the_save_fails_on_one(tmp_path):

@@ -792,12 +792,13 @@ def load_newest_good(path: str | os.PathLike, model: nn.Module, optimizer: torch
                 targets: list[Path] = []
 
                 def move_aside() -> None:
-                    targets.extend(_move_damaged(p) for p, _ in failed)
                     if _rank() == 0:
+                        targets.extend(_move_damaged(p) for p, _ in failed)
                         _write_text(root / LATEST, candidate.name + "\n")
 
                 run_agreed(move_aside, f"moving the damaged checkpoints of {root} aside")
-                moved = "; moved aside as " + ", ".join(t.name for t in targets)
+                # The names rank 0 chose (another rank looking for a free name would race its renames).
+                moved = "; moved aside as " + ", ".join(_on_rank0(lambda: [t.name for t in targets]))
             log(f"WARNING: FELL BACK to {candidate} because the newer checkpoint(s) {names} failed verification"
                 f"{moved}; the steps after {state['step']} will be trained again")
         return candidate, state
@@ -828,13 +829,13 @@ def run_agreed(step: Callable[[], None], what: str) -> None:
 
 
 def _move_damaged(path: Path) -> Path:
+    """Rank 0: rename a checkpoint that failed to ``damaged-<name>`` (``.2``, ... when taken)."""
     target = path.with_name(DAMAGED_PREFIX + path.name)
     n = 1
     while target.exists():
         n += 1
         target = path.with_name(f"{DAMAGED_PREFIX}{path.name}.{n}")
-    if _rank() == 0:
-        os.replace(path, target)
+    os.replace(path, target)
     return target
 
 
