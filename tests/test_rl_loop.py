@@ -273,6 +273,9 @@ def test_rl_resume_refuses_a_changed_key_or_tokenizer(tmp_path, base, capsys):
     assert run("max_prompt_length=65") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"max_prompt_length=65 differs from 64 in checkpoint {checkpoint}" in err
+    assert run("sample_batch_size=2") == 2  # one process: sampling_seed=stream, where the batch decides the draws
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"sample_batch_size=2 differs from 0 in checkpoint {checkpoint}: with sampling_seed=stream" in err
     other = json.loads(tokenizer_json("byte"))
     other["normalizer"] = {"type": "Lowercase"}  # the same vocabulary, other token ids for "Add"
     (tmp_path / "other").mkdir()

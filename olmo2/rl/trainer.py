@@ -638,6 +638,13 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
                 raise ValueError(f"sampling_seed={sampling} differs from {saved} in checkpoint "
                                  f"{checkpointer.resumed_from}: resume needs the same sampling")
             sampling = saved
+        # One generator for the run draws each decode step's uniforms for the rows decoded
+        # together, so under "stream" the batch size decides the samples ("prompt" does not).
+        saved_batch = state["config"].get("sample_batch_size")
+        if sampling == "stream" and saved_batch is not None and saved_batch != cfg.sample_batch_size:
+            raise ValueError(f"sample_batch_size={cfg.sample_batch_size!r} differs from {saved_batch!r} in checkpoint "
+                             f"{where}: with sampling_seed=stream it decides the samples; resume needs the same "
+                             "value (or another checkpoint_dir)")
         step = state["step"]
         if sampling == "stream":
             _set_generator_state(generator, state["generator"])
