@@ -123,7 +123,10 @@ def choose_tokenizer(arg: str | None, tokenizer_dir: Path | None):
 
 def _dist_init() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        from ..train.parallel import import_group_default_binders
+
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        import_group_default_binders()  # so that destroy_distributed can release the group
         torch.distributed.init_process_group(backend)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -218,8 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Expected failures (the eval extra missing among them: an ImportError) are one line, exit 2.
         return errors.run(PROG, lambda: run(args), ["--debug"] if args.debug else [], errors.expected_errors())
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        from ..train.parallel import destroy_distributed
+
+        destroy_distributed()  # joins gloo's threads before the exit (see its docstring)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +92,7 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInf
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        import_group_default_binders()
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
     elif dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -98,9 +101,41 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistInf
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
-def destroy_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def import_group_default_binders() -> None:
+    """Import, before the process group exists, the torch modules that bind it at import.
+
+    ``torch.distributed.nn.functional`` spells its defaults ``group=group.WORLD``,
+    evaluated once, when the module is first imported. torch imports it lazily (its
+    first use of dynamo imports FSDP1 and sharded tensors, which import it: building a
+    model on the meta device does). Imported after ``init_process_group``, ten function
+    defaults hold the default group for the life of the process, so
+    :func:`destroy_distributed` could not release it (measured with torch 2.13).
+    """
+    import torch.distributed.nn  # noqa: F401
+
+
+def destroy_distributed() -> bool:
+    """Leave the process group and release it now; True when it was released.
+
+    Releasing the group matters on gloo: each collective runs on a worker thread,
+    which wakes the caller and only then drops its reference to the collective's
+    tensors, and that last reference takes the GIL. If the interpreter has begun to
+    shut down by then, Python ends the thread inside a C++ destructor and the process
+    dies by SIGABRT ("terminate called without an active exception"), which
+    ``torchrun`` reports as a failed rank, after a run that did its work. The group's
+    destructor joins those threads (with the GIL released), so once it has run no
+    thread is left to race the exit. It runs here if nothing else holds the group:
+    ``destroy_process_group`` forgets it, and the collections let go of models
+    (module hooks are reference cycles) that no one uses any more. A group that is
+    still held (an FSDP2 model alive) is left to the exit: False.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    group = weakref.ref(dist.group.WORLD)
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+    return group() is None
 
 
 # ---------------------------------------------------------------------- wrappers
