@@ -11,9 +11,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 import olmo2_kernels  # noqa: E402
 from olmo2_kernels import _backend  # noqa: E402
+
+# Property tests draw the same examples on every run (derandomize), so a suite that passed
+# passes again: drawn afresh, a fuzz case that lands near its tolerance (rms_norm's dx at
+# scale 1e-3 passes 0.5x it on 1 draw in 10, 0.71x at worst in 200) could fail CI one day
+# with nothing changed.
+# HYPOTHESIS_PROFILE=explore draws new examples each run, to look for such cases.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 KERNEL_BACKENDS = ("torch", "triton", "cpu", "cuda")
 HAS_CUDA = torch.cuda.is_available()
