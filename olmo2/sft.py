@@ -640,11 +640,13 @@ def finish_run(par: Parallel, cfg, step: int, total_steps: int, tokenizer_spec: 
 
 def open_metrics(cfg, par: Parallel, total_steps: int, start_step: int):
     """``output/metrics.jsonl``, one line per step, written by rank 0 (the pretraining
-    trainer's logger: on resume, lines after the resumed step are dropped)."""
+    trainer's logger: on resume, lines after the resumed step are dropped). A run that
+    starts from step 0 drops every line an earlier attempt left (its step-0 evaluation
+    too, which the logger would keep: it keeps the lines up to the step it starts at)."""
     from .train.metrics import MetricsLogger
 
-    return MetricsLogger(cfg.output, total_steps, start_step=start_step, enabled=par.dist.is_main,
-                         progress=False, tensorboard=False)
+    return MetricsLogger(cfg.output, total_steps, start_step=start_step if start_step else -1,
+                         enabled=par.dist.is_main, progress=False, tensorboard=False)
 
 
 class InLoopEvaluation:

@@ -316,6 +316,8 @@ def test_sft_eval_in_loop_is_the_float64_loss_and_leaves_training_bitwise(tmp_pa
     held = heldout_file(tmp_path / "held.jsonl")
     evaluated = ["packing=true", f"eval.data={held}", "eval.interval=1", "eval.max_examples=3", "eval.at_start=true"]
     assert run("plain", "packing=true") == 0
+    (tmp_path / "evaluated").mkdir()  # an attempt abandoned before its first checkpoint left its step-0 line
+    (tmp_path / "evaluated" / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/loss": 9.0}) + "\n")
     assert run("evaluated", *evaluated, "hard_stop=2") == 0
     assert run("evaluated", *evaluated) == 0
     err = capsys.readouterr().err
