@@ -388,7 +388,7 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     optimizer, scheduler = build_optimizer(cfg, par, total_steps)
-    checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(pairs), log)
+    checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(pairs), log, par.precision)
     ref, extra = prepare_reference(cfg, par, pairs, pad_id, log)
     heldout = None
     if cfg.eval.data:

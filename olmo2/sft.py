@@ -352,12 +352,15 @@ class PostTrainCheckpointer:
     updated last; collective under ``torchrun``). ``trainer.json`` holds the step, the
     data position (epoch, next item), the scheduler state, the resume-relevant config,
     the data file's sha256 (a resume on other data is refused) and ``extra`` (DPO: the
-    reference log-probs file and its sha256)."""
+    reference log-probs file and its sha256) and ``precision``, the resolved compute
+    precision (bf16 or fp32: ``cfg.precision="auto"`` resolves by device), which a
+    resume must share: the run's numbers depend on it."""
 
-    def __init__(self, cfg, model, optimizer, scheduler, n_items: int, log):
+    def __init__(self, cfg, model, optimizer, scheduler, n_items: int, log, precision: str | None = None):
         from .files import file_digest
 
         self.cfg, self.model, self.optimizer, self.scheduler, self.log = cfg, model, optimizer, scheduler, log
+        self.precision = precision
         self.root = checkpoint_dir(cfg)
         self.n_items = n_items
         self.data_sha256 = file_digest(cfg.data)
@@ -381,6 +384,11 @@ class PostTrainCheckpointer:
             if key in saved and saved[key] != getattr(self.cfg, key, None):
                 raise ValueError(f"{key}={getattr(self.cfg, key)!r} differs from {saved[key]!r} in checkpoint {path}: "
                                  f"resume needs the same value (or another checkpoint_dir to start afresh)")
+        saved_precision = state.get("precision")
+        if self.precision is not None and saved_precision is not None and saved_precision != self.precision:
+            raise ValueError(f"precision={self.cfg.precision!r} (here {self.precision}) differs from "
+                             f"{saved_precision!r} in checkpoint {path}: resume needs the same value (or another "
+                             "checkpoint_dir)")
         if state["n_items"] != self.n_items:
             raise ValueError(f"--data has {self.n_items} usable items, checkpoint {path} was trained on "
                              f"{state['n_items']}: resume needs the same data")
@@ -395,7 +403,8 @@ class PostTrainCheckpointer:
         from omegaconf import OmegaConf
 
         state = {"epoch": epoch, "position": position, "n_items": self.n_items, "data_sha256": self.data_sha256,
-                 "scheduler": self.scheduler.state_dict(), "config": dataclasses.asdict(self.cfg), **(extra or {})}
+                 "scheduler": self.scheduler.state_dict(), "config": dataclasses.asdict(self.cfg),
+                 **({"precision": self.precision} if self.precision is not None else {}), **(extra or {})}
         path = save_checkpoint(self.root, step, self.model, self.optimizer, state,
                                config_yaml=OmegaConf.to_yaml(dataclasses.asdict(self.cfg)),
                                keep_last=self.cfg.keep_last)
@@ -563,7 +572,7 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
     optimizer, scheduler = build_optimizer(cfg, par, total_steps)
     log(f"{len(examples)} conversations in {len(rows)} rows; {total_steps} steps of {per_step} rows "
         f"({par.strategy} on {par.dist.world_size} rank(s))")
-    checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(rows), log)
+    checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(rows), log, par.precision)
     state = checkpointer.resume()
     step, first_epoch, position = (state["step"], state["epoch"], state["position"]) if state else (0, 0, 0)
     losses: list[float] = []

@@ -355,3 +355,38 @@ def test_sft_eval_tasks_score_the_olmes_task_in_the_loop(tmp_path, monkeypatch, 
     want = evaluate_tasks(load_pretrained(tmp_path / "tasks"), [toy], progress=False)[0].metrics
     assert evals[-1]["downstream/arc_easy:rc/primary"] == pytest.approx(want["primary"], abs=1e-9)
     assert evals[-1]["downstream/arc_easy:rc/acc_raw"] == pytest.approx(want["acc_raw"], abs=1e-9)
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_resume_refuses_a_changed_precision(tmp_path, stage, monkeypatch, capsys):
+    """A run stopped in bf16 (on CPU through autocast: setup_model keeps bf16 for GPUs, so the fp32 setup is
+    taken and its precision set to bf16, the path a GPU takes without FSDP2) and rerun in fp32: refused in one
+    line naming the key, both values and the checkpoint, exit 2; rerun in bf16 it resumes."""
+    import dataclasses
+
+    import olmo2.dpo
+    import olmo2.sft
+    from test_dpo import _dpo_resume_setup
+
+    module = olmo2.sft if stage == "sft" else olmo2.dpo
+    real = olmo2.sft.setup_model
+
+    def bf16_setup(cfg, packing=False):
+        par = real(dataclasses.replace(cfg, precision="fp32"), packing)
+        par.precision = "bf16"
+        return par
+
+    run = _resume_setup(tmp_path) if stage == "sft" else _dpo_resume_setup(tmp_path)[0]
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "setup_model", bf16_setup)
+        assert run("out", "precision=bf16", "hard_stop=1") == 0
+    capsys.readouterr()
+    assert run("out", "precision=fp32", "hard_stop=2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    checkpoint = tmp_path / "out" / "checkpoints" / "step00000001"
+    assert err[-1] == (f"olmo2-{stage}: precision='fp32' (here fp32) differs from 'bf16' in checkpoint {checkpoint}: "
+                       "resume needs the same value (or another checkpoint_dir)"), err
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "setup_model", bf16_setup)
+        assert run("out", "precision=bf16", "hard_stop=2") == 0
+    assert "resumed from" in capsys.readouterr().err

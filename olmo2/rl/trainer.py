@@ -610,7 +610,7 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
     optimizer = torch.optim.AdamW(par.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     total_updates = cfg.steps * cfg.ppo_epochs * cfg.mini_batches
     scheduler = lr_scheduler(optimizer, total_updates, cfg.warmup_ratio, cfg.lr_schedule)
-    checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(prompts), log)
+    checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(prompts), log, par.precision)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed)
     state = checkpointer.resume()
@@ -622,10 +622,6 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
             if key in state["config"] and state["config"][key] != getattr(cfg, key):
                 raise ValueError(f"{key}={getattr(cfg, key)!r} differs from {state['config'][key]!r} in checkpoint "
                                  f"{where}: resume needs the same value (or another checkpoint_dir)")
-        saved_precision = state.get("precision")
-        if saved_precision is not None and saved_precision != par.precision:
-            raise ValueError(f"precision={cfg.precision!r} (here {par.precision}) differs from {saved_precision!r} "
-                             f"in checkpoint {where}: resume needs the same value (or another checkpoint_dir)")
         saved_sha = state.get("tokenizer_sha256")
         if saved_sha is not None and saved_sha != tokenizer_sha256:
             raise ValueError(f"tokenizer {tokenizer_spec!r} (sha256 {tokenizer_sha256[:16]}) differs from the one "
@@ -670,7 +666,7 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
 
     def save(at: int) -> None:
         epoch, position = divmod(at * cfg.prompts_per_step, len(prompts))
-        extra = {"sampling": sampling, "tokenizer_sha256": tokenizer_sha256, "precision": par.precision}
+        extra = {"sampling": sampling, "tokenizer_sha256": tokenizer_sha256}  # precision: the checkpointer's
         if sampling == "stream":
             extra["generator"] = _generator_state(generator)
         checkpointer.save(at, epoch, position, extra)
