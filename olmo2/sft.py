@@ -43,8 +43,10 @@ model, kernels, parallelism (:mod:`olmo2.train.parallel`) and checkpoints
 * **In-loop evaluation** (``eval.*``, :class:`PostTrainEvalConfig`, :class:`InLoopEvaluation`):
   every ``eval.interval`` steps and after the last step, the loss per target token
   of the held-out conversations ``eval.data`` (:func:`heldout_loss`; packed like the
-  training rows), and optionally OLMES tasks; a line of its own in ``metrics.jsonl``
-  (``eval/loss``, ``eval/target_tokens``, ``eval/seconds``, ``downstream/...``).
+  training rows), optionally the verified accuracy of greedy (and sampled) answers to
+  the prompts ``eval.prompts`` (RL's prompt format and scoring, :func:`verified_evaluation`)
+  and OLMES tasks; a line of its own in ``metrics.jsonl`` (``eval/loss``,
+  ``eval/target_tokens``, ``eval/verified_accuracy``, ``eval/seconds``, ``downstream/...``).
 * **Resume**: every ``save_interval`` steps and at the end, a verified checkpoint in
   the pretraining trainer's format (:class:`PostTrainCheckpointer`: model, optimizer,
   scheduler, data position, RNG) under ``output/checkpoints``; rerunning the same
@@ -75,7 +77,8 @@ STRATEGIES = ("auto", "fsdp", "ddp", "none")
 @dataclass
 class PostTrainEvalConfig:
     """In-loop evaluation of an SFT or DPO run (the ``eval.*`` keys): the held-out
-    data every ``interval`` steps and after the last step, and optionally OLMES tasks."""
+    data, the verified accuracy on held-out prompts and OLMES tasks, every ``interval``
+    steps and after the last step."""
 
     data: str = ""  # held-out JSONL in the training data's format (SFT: messages; DPO: preference pairs)
     interval: int = 0  # evaluate every N steps and after the last step; 0: never
@@ -84,19 +87,28 @@ class PostTrainEvalConfig:
     tasks: list[str] = field(default_factory=list)  # OLMES tasks as olmo2-eval --tasks takes them (eval extra)
     task_limit: int = 200  # first N documents of each task; 0: all
     at_start: bool = False  # also evaluate before the first step (step 0: the starting model)
+    prompts: str = ""  # prompt JSONL as olmo2-rl reads it (prompt or messages, verifier, reference): verified accuracy
+    prompts_limit: int = 0  # the first N usable prompts of eval.prompts; 0: all
+    max_new_tokens: int = 512  # answer length for eval.prompts (greedy; stops at EOS)
+    samples: int = 0  # also sample this many answers per prompt at eval.temperature (sampled accuracy)
+    temperature: float = 1.0  # of the eval.samples answers
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
             self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
-        for key in ("interval", "max_examples", "task_limit"):
+        for key in ("interval", "max_examples", "task_limit", "prompts_limit", "samples"):
             if getattr(self, key) < 0:
                 raise ValueError(f"eval.{key} must be >= 0, got {getattr(self, key)}")
-        if (self.data or self.tasks) and not self.interval:
-            raise ValueError("eval.data or eval.tasks is set but eval.interval is 0; set eval.interval (steps "
-                             "between evaluations, and one after the last step)")
-        if self.interval and not (self.data or self.tasks):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"eval.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"eval.temperature must be > 0, got {self.temperature}")
+        if (self.data or self.tasks or self.prompts) and not self.interval:
+            raise ValueError("eval.data, eval.prompts or eval.tasks is set but eval.interval is 0; set "
+                             "eval.interval (steps between evaluations, and one after the last step)")
+        if self.interval and not (self.data or self.tasks or self.prompts):
             raise ValueError(f"eval.interval={self.interval} but there is nothing to evaluate; set eval.data "
-                             "(held-out JSONL) or eval.tasks")
+                             "(held-out JSONL), eval.prompts (prompt JSONL with verifiers) or eval.tasks")
         if self.tasks:
             from .eval.tasks import expand_task_names
 
@@ -660,7 +672,8 @@ def open_metrics(cfg, par: Parallel, total_steps: int, start_step: int):
 
 class InLoopEvaluation:
     """What an SFT or DPO run evaluates every ``eval.interval`` steps and after its last
-    step: the held-out data (``heldout()``, logged as ``eval/<metric>``) and the OLMES
+    step: the held-out data (``heldout()``, logged as ``eval/<metric>``), the verified
+    answers to ``eval.prompts`` (``verified()``, ``eval/verified_<metric>``) and the OLMES
     tasks (:class:`olmo2.train.evaluation.DownstreamEvaluator`, logged as
     ``downstream/<task>/<metric>``), into ``metrics.jsonl`` as a line of their own at
     the step. Stateless: the steps that evaluate follow from the step, so a resumed
@@ -668,9 +681,9 @@ class InLoopEvaluation:
     weights, the optimizer state or an RNG, so the training is the same with or
     without it (a test checks the weights bitwise)."""
 
-    def __init__(self, cfg, total_steps: int, par: Parallel, heldout=None, downstream=None):
+    def __init__(self, cfg, total_steps: int, par: Parallel, heldout=None, downstream=None, verified=None):
         self.cfg, self.total_steps, self.par = cfg, total_steps, par
-        self.heldout, self.downstream = heldout, downstream
+        self.heldout, self.downstream, self.verified = heldout, downstream, verified
 
     @classmethod
     def build(cls, cfg, par: Parallel, total_steps: int, tokenizer_spec: str, heldout,
@@ -689,7 +702,8 @@ class InLoopEvaluation:
             downstream = DownstreamEvaluator.build(tasks, run_tokenizer=tokenizer_spec, seq_len=cfg.max_length,
                                                    vocab_size=par.base.config.vocab_size, max_steps=total_steps,
                                                    log=log)
-        return cls(cfg, total_steps, par, heldout, downstream)
+        verified = verified_evaluation(cfg, par, tokenizer_spec, log) if cfg.eval.prompts else None
+        return cls(cfg, total_steps, par, heldout, downstream, verified)
 
     def due(self, step: int) -> bool:
         return self.cfg.eval.due(step, self.total_steps)
@@ -700,6 +714,8 @@ class InLoopEvaluation:
         record: dict[str, float] = {}
         if self.heldout is not None:
             record.update({f"eval/{k}": v for k, v in self.heldout().items()})
+        if self.verified is not None:
+            record.update(self.verified())
         if self.downstream is not None:
             record.update(self.downstream(self.par.base, step, autocast=self.par.autocast))
         record["eval/seconds"] = round(time.perf_counter() - started, 4)
@@ -711,6 +727,40 @@ class InLoopEvaluation:
             record = self(step)
             metrics.log(step, record)
             log(f"eval at step {step}: {eval_summary(record)}")
+
+
+def verified_evaluation(cfg, par: Parallel, tokenizer_spec: str, log):
+    """The verified-answer evaluation of ``eval.prompts`` (RL's prompt format and scoring,
+    :func:`olmo2.rl.evaluation.evaluate_ranks`): a function returning ``eval/verified_accuracy``
+    (share of greedy answers the record's verifier accepts), ``eval/verified_reward`` and, with
+    ``eval.samples``, ``eval/verified_sampled_accuracy``. Prompts longer than ``max_length``
+    tokens are bad records, reported by line. Collective under ``torchrun``: each rank answers
+    its share with the weights gathered; the sampler draws from its own generator (seeded
+    ``seed + 1 + rank``), so the training RNG is untouched."""
+    from .rl.data import read_prompts
+    from .rl.evaluation import evaluate_ranks
+    from .tokenizers import load_tokenizer
+
+    ev = cfg.eval
+    if not Path(ev.prompts).is_file():
+        raise FileNotFoundError(f"eval.prompts {ev.prompts}: no such file")
+    tokenizer = load_tokenizer(tokenizer_spec)
+    if tokenizer.token_to_id("<|endoftext|>") is None:
+        raise ValueError(f"eval.prompts: tokenizer {tokenizer_spec} has no <|endoftext|> token (the chat "
+                         "template's EOS, where answers stop)")
+    prompts, report = read_prompts(ev.prompts, tokenizer, cfg.max_length)
+    log(f"eval.prompts {report.summary()}")
+    if ev.prompts_limit:
+        prompts = prompts[: ev.prompts_limit]
+    if not prompts:
+        raise ValueError(f"eval.prompts {ev.prompts}: no usable records")
+
+    def verified() -> dict[str, float]:
+        result = evaluate_ranks(par.model, par.base, tokenizer, prompts, ev.max_new_tokens, ev.samples,
+                                ev.temperature, seed=cfg.seed + 1, autocast=par.autocast)
+        return {f"eval/verified_{k}": result[k] for k in ("accuracy", "reward", "sampled_accuracy") if k in result}
+
+    return verified
 
 
 def eval_summary(record: dict[str, float]) -> str:

@@ -36,9 +36,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def even_sum_verifiers() -> dict:
+    """The verifier registry with test_even_sum (code points summing to an even number: a random tiny model
+    answers about half right), for eval.prompts."""
+    import olmo2.rl.verifiers as V
+
+    return {**V.VERIFIERS, "test_even_sum": lambda text, ref: sum(map(ord, text)) % 2 == 0}
+
+
 def _worker(rank: int, world: int, port: int, runs: list) -> None:
+    import olmo2.rl.verifiers as V
     from olmo2.cli import dpo, sft
 
+    V.VERIFIERS = even_sum_verifiers()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -78,14 +88,24 @@ def runs(tmp_path_factory):
                                          "rejected": [{"role": "assistant", "content": f"{2 * a + 2} or so"}]})
                              + "\n" for a in range(9)))
 
+    # 5 prompts with a verifier: rank 0 answers 3 of them, rank 1 2 (greedy; the weights gathered under FSDP2)
+    held_prompts = root / "held_prompts.jsonl"
+    held_prompts.write_text("".join(json.dumps({"prompt": f"Add {a} and {a + 3}", "verifier": "test_even_sum",
+                                                "reference": str(2 * a + 3)}) + "\n" for a in range(5)))
+
     def argv(command, out, *extra, evaluate=True):
         keys = SFT if command == "sft" else DPO
-        held = [f"eval.data={held_chat if command == 'sft' else held_prefs}", "eval.interval=2"] if evaluate else []
+        held = [f"eval.data={held_chat if command == 'sft' else held_prefs}", "eval.interval=2",
+                f"eval.prompts={held_prompts}", "eval.max_new_tokens=5"] if evaluate else []
         return command, ["--model", str(base), "--data", str(chat if command == "sft" else prefs),
                          "--output", str(root / out), *keys, *held, *extra]
 
-    for command in ("sft", "dpo"):  # one process: the reference
-        assert (sft if command == "sft" else dpo).main(argv(command, f"{command}-one")[1]) == 0
+    import olmo2.rl.verifiers as V
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(V, "VERIFIERS", even_sum_verifiers())
+        for command in ("sft", "dpo"):  # one process: the reference
+            assert (sft if command == "sft" else dpo).main(argv(command, f"{command}-one")[1]) == 0
     two_rank = [argv("sft", "sft-fsdp", "strategy=fsdp"), argv("sft", "sft-ddp", "strategy=ddp"),
                 argv("sft", "sft-stopped", "strategy=fsdp", "hard_stop=2", evaluate=False),
                 argv("dpo", "dpo-fsdp", "strategy=fsdp"), argv("dpo", "dpo-ddp", "strategy=ddp"),
@@ -130,20 +150,24 @@ def evaluations(folder):
 @pytest.mark.parametrize("run", ["sft-fsdp", "sft-ddp", "dpo-fsdp", "dpo-ddp"])
 def test_two_ranks_evaluate_as_one_process(runs, run):
     """Each rank scores a disjoint share of the held-out set and the sums are all-reduced: the held-out
-    metrics at steps 2 and 3 (the last) are one process's, up to the rounding the weights differ by."""
+    metrics at steps 2 and 3 (the last) are one process's, up to the rounding the weights differ by; so is
+    the greedy verified accuracy on eval.prompts (each rank answers its share, the results merged)."""
     root, _ = runs
     one, two = evaluations(root / f"{run.split('-')[0]}-one"), evaluations(root / run)
     assert sorted(one) == sorted(two) == [2, 3]
     for step, record in one.items():
-        assert two[step].keys() == record.keys() and len(record) in (2, 7)
+        assert two[step].keys() == record.keys() and len(record) in (2 + 2, 7 + 2)  # + verified accuracy, reward
         for key, value in record.items():
             assert two[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, key)
 
 
 @pytest.mark.parametrize("command", ["sft", "dpo"])
-def test_two_rank_checkpoint_resumes_in_one_process(runs, command, capsys):
+def test_two_rank_checkpoint_resumes_in_one_process(runs, command, capsys, monkeypatch):
     """Stopped at step 2 of 2 ranks under FSDP2, finished in one process: the weights of the straight run."""
+    import olmo2.rl.verifiers as V
     from olmo2.cli import dpo, sft
+
+    monkeypatch.setattr(V, "VERIFIERS", even_sum_verifiers())
 
     root, argv = runs
     out = root / f"{command}-stopped"

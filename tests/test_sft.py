@@ -174,7 +174,10 @@ def test_sft_cli_dry_run_preset_and_errors(capsys):
                         (["precision=bf16", "device=cpu", "--data=missing.jsonl"],
                          "olmo2-sft: precision=bf16 is for GPUs; use fp32 (or auto) on CPU"),
                         (["--config", "missing.yaml"], "olmo2-sft: --config: no such file"),
-                        (["eval.data=held.jsonl"], "olmo2-sft: eval.data or eval.tasks is set but eval.interval is 0"),
+                        (["eval.data=held.jsonl"],
+                         "olmo2-sft: eval.data, eval.prompts or eval.tasks is set but eval.interval is 0"),
+                        (["eval.prompts=p.jsonl", "eval.interval=1", "eval.max_new_tokens=0"],
+                         "olmo2-sft: eval.max_new_tokens must be >= 1, got 0"),
                         (["eval.interval=5"], "olmo2-sft: eval.interval=5 but there is nothing to evaluate"),
                         (["eval.interval=-1"], "olmo2-sft: eval.interval must be >= 0, got -1"),
                         (["eval.tasks=[nope]", "eval.interval=1"], "olmo2-sft: eval.tasks: unknown task")]:
@@ -390,3 +393,69 @@ def test_resume_refuses_a_changed_precision(tmp_path, stage, monkeypatch, capsys
         patch.setattr(module, "setup_model", bf16_setup)
         assert run("out", "precision=bf16", "hard_stop=2") == 0
     assert "resumed from" in capsys.readouterr().err
+
+
+def verified_prompts(path, monkeypatch):
+    """6 prompts checked by test_even_sum (an answer whose code points sum to an even number: a random tiny
+    model gets about half right; registered in a copy of the verifier registry), then a bad JSON line."""
+    import olmo2.rl.verifiers as V
+
+    even_sum = lambda text, ref: sum(map(ord, text)) % 2 == 0  # noqa: E731
+    monkeypatch.setattr(V, "VERIFIERS", {**V.VERIFIERS, "test_even_sum": even_sum})
+    lines = [json.dumps({"prompt": f"Add {a} and {a + 1}", "verifier": "test_even_sum", "reference": str(2 * a + 1)})
+             for a in range(6)]
+    path.write_text("\n".join(lines + ["{oops"]) + "\n")
+    return path
+
+
+def test_sft_eval_prompts_is_rls_verified_accuracy_and_leaves_training_bitwise(tmp_path, monkeypatch, capsys):
+    """eval.prompts: RL's greedy and sampled verified accuracy at steps 0, 2 and 4 (stopped at 2 and resumed),
+    equal to olmo2.rl.evaluation.evaluate_prompts on the base and exported models; the weights are bitwise
+    those of a run without evaluation; bad prompt records reported by line; a missing file is one line."""
+    from olmo2.cli.sft import main
+    from olmo2.rl.data import read_prompts
+    from olmo2.rl.evaluation import evaluate_prompts
+    from olmo2.tokenizers import load_tokenizer
+
+    run = _resume_setup(tmp_path)
+    prompts_file = verified_prompts(tmp_path / "prompts.jsonl", monkeypatch)
+    keys = [f"eval.prompts={prompts_file}", "eval.interval=2", "eval.at_start=true", "eval.max_new_tokens=6",
+            "eval.samples=2", "eval.prompts_limit=5"]
+    assert run("plain") == 0
+    assert run("verified", *keys, "hard_stop=2") == 0
+    assert run("verified", *keys) == 0
+    err = capsys.readouterr().err
+    assert "eval.prompts" in err and "line 7: invalid JSON" in err
+    assert _same_weights(tmp_path / "plain", tmp_path / "verified")
+    lines = [json.loads(x) for x in (tmp_path / "verified" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval/seconds" in x]
+    assert [x["step"] for x in evals] == [0, 2, 4] and not any("eval/loss" in x for x in evals)
+    tokenizer = load_tokenizer(str(tmp_path / "base"))
+    prompts = read_prompts(prompts_file, tokenizer, 64)[0][:5]
+    for record, folder in ((evals[0], "base"), (evals[-1], "verified")):
+        want = evaluate_prompts(load_pretrained(tmp_path / folder), tokenizer, prompts, 6, samples=2,
+                                temperature=1.0, seed=124)  # the run's seed + 1
+        assert record["eval/verified_accuracy"] == want["accuracy"]
+        assert record["eval/verified_reward"] == want["reward"]
+        assert record["eval/verified_sampled_accuracy"] == want["sampled_accuracy"]
+    assert any(0 < x[f"eval/verified_{k}"] < 1 for x in evals for k in ("accuracy", "sampled_accuracy"))
+    capsys.readouterr()
+    assert run("missing", f"eval.prompts={tmp_path / 'nope.jsonl'}", "eval.interval=1") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"olmo2-sft: eval.prompts {tmp_path / 'nope.jsonl'}: no such file")
+
+
+def test_dpo_eval_prompts_logs_verified_accuracy_beside_the_heldout_pairs(tmp_path, monkeypatch, capsys):
+    """DPO takes the same eval.prompts: its verified keys sit beside eval/accuracy (the preference accuracy)."""
+    from test_dpo import _dpo_resume_setup
+
+    run, data = _dpo_resume_setup(tmp_path)
+    prompts_file = verified_prompts(tmp_path / "prompts.jsonl", monkeypatch)
+    assert run("out", "max_steps=1", f"eval.prompts={prompts_file}", f"eval.data={data}", "eval.interval=1",
+               "eval.max_new_tokens=4") == 0
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval/seconds" in x]
+    assert [x["step"] for x in evals] == [1]
+    assert {"eval/accuracy", "eval/verified_accuracy", "eval/verified_reward"} <= set(evals[0])
+    assert "eval/verified_sampled_accuracy" not in evals[0]
+    assert "eval/verified_accuracy" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def rl_splits(n_train: int, n_test: int, seed: int, tasks: tuple[str, ...] = RL_
 
 
 def per_task(test: list[tuple[str, str]], result: dict) -> dict:
-    """Held-out accuracies overall and per task from one :func:`olmo2.rl.trainer.evaluate_prompts` result
+    """Held-out accuracies overall and per task from one :func:`olmo2.rl.evaluation.evaluate_prompts` result
     (its per-prompt lists follow ``test``'s order)."""
     out = {"greedy": result["accuracy"], "sampled": result.get("sampled_accuracy"), "n": result["n"],
            "greedy_per_task": {}, "sampled_per_task": {}}
