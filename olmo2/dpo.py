@@ -106,6 +106,8 @@ class DPOConfig:
     keep_last: int = 2  # checkpoints kept (0: all)
     checkpoint_dir: str = ""  # empty: output/checkpoints; a rerun of the same command resumes from it
     hard_stop: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0: off
+    progress: bool = False  # a tqdm bar on stderr in place of the line per step (pretraining's switch)
+    tensorboard: bool = True  # also write OUTPUT/tensorboard when tensorboard is installed (as pretraining)
     eval: PostTrainEvalConfig = field(default_factory=PostTrainEvalConfig)  # in-loop evaluation: the eval.* keys
 
     def __post_init__(self) -> None:
@@ -411,6 +413,7 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     history: list[dict] = []
     par.model.train()
     metrics = open_metrics(cfg, par, total_steps, step)
+    log = checkpointer.log = metrics.console(log)  # lines printed around the progress bar, when there is one
     try:
         if evaluation is not None and step == 0:
             evaluation.maybe(0, metrics, log)  # eval.at_start
@@ -430,8 +433,10 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
                 step += 1
                 history.append(row)
                 metrics.log(step, {**row, "lr": lr, "epoch": epoch,
-                                   "step_seconds": round(time.perf_counter() - started, 4)})
-                log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
+                                   "step_time_s": round(time.perf_counter() - started, 4)},
+                            bar_keys=("loss", "margin", "lr"))
+                if metrics.bar is None:  # with progress=true the bar shows the step
+                    log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
                 if evaluation is not None:
                     evaluation.maybe(step, metrics, log)
                 next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)

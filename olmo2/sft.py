@@ -38,8 +38,10 @@ model, kernels, parallelism (:mod:`olmo2.train.parallel`) and checkpoints
   broadcast into the shards; the final HF folder is written by rank 0 from a
   gathered full state dict.
 
-* **Metrics**: one line per step in ``output/metrics.jsonl`` (:class:`olmo2.train.metrics.MetricsLogger`,
-  rank 0): loss, target tokens, lr, epoch, step time.
+* **Metrics**: one line per step in ``output/metrics.jsonl`` through pretraining's sink
+  (:class:`olmo2.train.metrics.MetricsLogger`, rank 0; also ``output/tensorboard`` when
+  tensorboard is installed, and a tqdm bar with ``progress=true``): loss, target tokens,
+  lr, epoch, ``step_time_s`` (pretraining's name).
 * **In-loop evaluation** (``eval.*``, :class:`PostTrainEvalConfig`, :class:`InLoopEvaluation`):
   every ``eval.interval`` steps and after the last step, the loss per target token
   of the held-out conversations ``eval.data`` (:func:`heldout_loss`; packed like the
@@ -155,6 +157,8 @@ class SFTConfig:
     keep_last: int = 2  # checkpoints kept (0: all)
     checkpoint_dir: str = ""  # empty: output/checkpoints; a rerun of the same command resumes from it
     hard_stop: int = 0  # stop (with a checkpoint) after this step without changing the schedule; 0: off
+    progress: bool = False  # a tqdm bar on stderr in place of the line per step (pretraining's switch)
+    tensorboard: bool = True  # also write OUTPUT/tensorboard when tensorboard is installed (as pretraining)
     eval: PostTrainEvalConfig = field(default_factory=PostTrainEvalConfig)  # in-loop evaluation: the eval.* keys
 
     def __post_init__(self) -> None:
@@ -592,6 +596,7 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
     stop = min(total_steps, cfg.hard_stop) if cfg.hard_stop else total_steps
     saved_step = step if state else -1
     metrics = open_metrics(cfg, par, total_steps, step)
+    log = checkpointer.log = metrics.console(log)  # lines printed around the progress bar, when there is one
     try:
         if evaluation is not None and step == 0:
             evaluation.maybe(0, metrics, log)  # eval.at_start
@@ -615,8 +620,9 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
                 step += 1
                 seconds = time.perf_counter() - started
                 metrics.log(step, {"loss": loss, "target_tokens": count, "lr": lr, "epoch": epoch,
-                                   "step_seconds": round(seconds, 4)})
-                log(f"step {step}/{total_steps} loss {loss:.4f} tokens {count} lr {lr:.3g}")
+                                   "step_time_s": round(seconds, 4)})
+                if metrics.bar is None:  # with progress=true the bar shows the step
+                    log(f"step {step}/{total_steps} loss {loss:.4f} tokens {count} lr {lr:.3g}")
                 if evaluation is not None:
                     evaluation.maybe(step, metrics, log)
                 next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
@@ -660,14 +666,16 @@ def finish_run(par: Parallel, cfg, step: int, total_steps: int, tokenizer_spec: 
 
 
 def open_metrics(cfg, par: Parallel, total_steps: int, start_step: int):
-    """``output/metrics.jsonl``, one line per step, written by rank 0 (the pretraining
-    trainer's logger: on resume, lines after the resumed step are dropped). A run that
+    """``output/metrics.jsonl``, one line per step, written by rank 0 through the pretraining
+    trainer's sink (:class:`olmo2.train.metrics.MetricsLogger`: on resume, lines after the
+    resumed step are dropped; ``output/tensorboard`` when ``cfg.tensorboard`` and tensorboard
+    is installed; a tqdm bar with ``cfg.progress``). A run that
     starts from step 0 drops every line an earlier attempt left (its step-0 evaluation
     too, which the logger would keep: it keeps the lines up to the step it starts at)."""
     from .train.metrics import MetricsLogger
 
     return MetricsLogger(cfg.output, total_steps, start_step=start_step if start_step else -1,
-                         enabled=par.dist.is_main, progress=False, tensorboard=False)
+                         enabled=par.dist.is_main, progress=cfg.progress, tensorboard=cfg.tensorboard)
 
 
 class InLoopEvaluation:

@@ -56,7 +56,8 @@ logits; micro-batches of ``micro_batch_size`` completions).
   mixed precision or, under DDP and in one process, ``torch.autocast`` (:meth:`olmo2.sft.Parallel.autocast`)
   around every forward: the sampler (rollout and evaluation), the reference and recomputed log-probs and
   the update's forward; the loss is fp32. ``fp32`` computes exactly what the loop did before the key.
-* **Metrics**: one line per step in ``output/metrics.jsonl`` (reward mean,
+* **Metrics**: through pretraining's sink (:class:`olmo2.train.metrics.MetricsLogger`, as SFT and
+  DPO: ``output/tensorboard`` when installed, ``progress=true`` for a bar): one line per step in ``output/metrics.jsonl`` (reward mean,
   accuracy = share of completions with reward > 0, advantage stats, share of
   groups with equal rewards, loss, KL, entropy estimate, clip fraction, ratio,
   completion length, stop reasons, generation and training tokens/s, lr,
@@ -135,6 +136,8 @@ class RLConfig:
     keep_last: int = 2
     checkpoint_dir: str = ""
     hard_stop: int = 0
+    progress: bool = False  # a tqdm bar on stderr in place of the line per step (pretraining's switch)
+    tensorboard: bool = True  # also write OUTPUT/tensorboard when tensorboard is installed (as pretraining)
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "k", "max_prompt_length", "max_new_tokens", "ppo_epochs",
@@ -562,8 +565,9 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
         if sampling == "stream":
             _set_generator_state(generator, state["generator"])
     out = Path(cfg.output)
-    metrics = MetricsLogger(out, cfg.steps, start_step=step, enabled=par.dist.is_main, progress=False,
-                            tensorboard=False)
+    metrics = MetricsLogger(out, cfg.steps, start_step=step, enabled=par.dist.is_main, progress=cfg.progress,
+                            tensorboard=cfg.tensorboard)
+    log = checkpointer.log = metrics.console(log)  # lines printed around the progress bar, when there is one
     stop = min(cfg.steps, cfg.hard_stop) if cfg.hard_stop else cfg.steps
     eval_tokens = cfg.eval_max_new_tokens or cfg.max_new_tokens
     history: list[dict] = []
@@ -626,8 +630,9 @@ def train_rl(cfg: RLConfig, log=_log) -> dict:
             if not math.isfinite(row["loss"]):
                 raise FloatingPointError(f"olmo2-rl: non-finite loss {row['loss']} at step {step}")
             history.append(row)
-            metrics.log(step, row)
-            log(f"step {step}/{cfg.steps} " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
+            metrics.log(step, row, bar_keys=("reward", "loss", "lr"))
+            if metrics.bar is None:  # with progress=true the bar shows the step
+                log(f"step {step}/{cfg.steps} " + " ".join(f"{k} {v:.4g}" for k, v in row.items()))
             if eval_prompts and cfg.eval_interval and step % cfg.eval_interval == 0 and step != cfg.steps:
                 run_eval(step)
             if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):

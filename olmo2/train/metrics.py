@@ -85,7 +85,8 @@ class MetricsLogger:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total_steps, initial=max(start_step, 0), unit="step", dynamic_ncols=True,
+                            file=sys.stderr)  # start_step -1: a fresh run that drops every old line
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -129,6 +130,19 @@ class MetricsLogger:
             self.bar.n = step
             self.bar.set_postfix({k: _short(metrics[k]) for k in bar_keys if k in metrics}, refresh=False)
             self.bar.refresh()
+
+    def console(self, log):
+        """``log`` (a function printing a line to stderr) routed around the progress bar:
+        while there is one, the bar is cleared, the line printed and the bar redrawn."""
+        if self.bar is None:
+            return log
+        bar = self.bar
+
+        def write(text: str) -> None:
+            with bar.external_write_mode(file=sys.stderr):
+                log(text)
+
+        return write
 
     def message(self, text: str) -> None:
         if not self.enabled:
