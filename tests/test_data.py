@@ -1,4 +1,5 @@
 """Token files, instances, the data mix, the resumable order and per-rank slices."""
+import json
 from collections import Counter
 
 import numpy as np
@@ -34,6 +35,24 @@ class TestTokenFiles:
         path = write(tmp_path / "small.npy", np.arange(1000) % 250, np.uint16)
         with pytest.raises(ValueError, match=r"small\.npy: token id \d+ is outside .*was it written as uint16"):
             open_token_file(path, "uint32", vocab_size=512)
+
+    def test_ids_past_the_vocabulary_named_from_the_sidecar(self, tmp_path):
+        # olmo2-tokenize's default (dolma2, 100278 ids) fed to the tiny model (512 rows): the sidecar says why
+        path = write(tmp_path / "dolma2.npy", [100257, 5, 17, 100257])
+        side = {"tokenizer": "dolma2", "vocab_size": 100278, "dtype": "uint32", "tokens": 4}
+        (tmp_path / "dolma2.npy.json").write_text(json.dumps(side))
+        with pytest.raises(ValueError) as err:
+            open_token_file(path, "uint32", vocab_size=512)
+        msg = str(err.value)
+        assert "token id 100257 is outside the model's vocabulary [0, 512)" in msg
+        assert "tokenizer dolma2 of 100278 ids" in msg and "--model.vocab_size=100352" in msg
+        assert "uint16" not in msg
+        # a sidecar naming another dtype than the one read says so
+        write(tmp_path / "small.npy", np.arange(1000) % 250, np.uint16)
+        side = {"tokenizer": "byte", "vocab_size": 257, "dtype": "uint16", "tokens": 1000}
+        (tmp_path / "small.npy.json").write_text(json.dumps(side))
+        with pytest.raises(ValueError, match=r"small\.npy\.json says uint16: pass dtype uint16\)$"):
+            open_token_file(str(tmp_path / "small.npy"), "uint32", vocab_size=512)
 
     def test_uint32_file_read_as_uint16(self, tmp_path):
         path = write(tmp_path / "wide.npy", 1 + np.arange(1000) % 250)

@@ -93,9 +93,9 @@ def check_token_ids(path: str, tokens: np.ndarray, dtype: str, vocab_size: int) 
             continue
         top = int(sample.max())
         if top >= vocab_size:
-            hint = " (was it written as uint16? pass dtype uint16)" if dtype == "uint32" else ""
             raise ValueError(
-                f"token file {path}: token id {top} is outside the model's vocabulary [0, {vocab_size}){hint}"
+                f"token file {path}: token id {top} is outside the model's vocabulary [0, {vocab_size})"
+                f"{_out_of_vocab_hint(path, dtype, vocab_size)}"
             )
     head = samples[0]
     if dtype == "uint16" and len(head) >= 64 and not head[1::2].any() and head[0::2].any():
@@ -103,6 +103,24 @@ def check_token_ids(path: str, tokens: np.ndarray, dtype: str, vocab_size: int) 
             f"token file {path}: every odd-position uint16 value is 0, the signature of a uint32 file "
             "read as uint16; pass dtype uint32"
         )
+
+
+def _out_of_vocab_hint(path: str, dtype: str, vocab_size: int) -> str:
+    """The likely cause of ids past the vocabulary: what the olmo2-tokenize sidecar says
+    the file holds (another dtype, or a tokenizer with more ids than the model has
+    rows), else a uint16 file read as uint32."""
+    meta = read_sidecar(path)
+    if meta is not None:
+        if meta.get("dtype") in ("uint16", "uint32") and meta["dtype"] != dtype:
+            return f" (its sidecar {path}{SIDECAR_SUFFIX} says {meta['dtype']}: pass dtype {meta['dtype']})"
+        ids = meta.get("vocab_size")
+        if isinstance(ids, int) and ids > vocab_size:
+            padded = -(-ids // 128) * 128
+            return (
+                f" (written with the tokenizer {meta['tokenizer']} of {ids} ids, its sidecar says: set "
+                f"model.vocab_size to at least {ids}, e.g. --model.vocab_size={padded}, a multiple of 128)"
+            )
+    return " (was it written as uint16? pass dtype uint16)" if dtype == "uint32" else ""
 
 
 SIDECAR_SUFFIX = ".json"
