@@ -131,11 +131,14 @@ def destroy_distributed() -> bool:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return True
-    group = weakref.ref(dist.group.WORLD)
+    try:
+        group = weakref.ref(dist.group.WORLD)
+    except TypeError:  # a torch whose ProcessGroup takes no weak references: released or not, unknown
+        group = None
     gc.collect()
     dist.destroy_process_group()
     gc.collect()
-    return group() is None
+    return group is not None and group() is None
 
 
 # ---------------------------------------------------------------------- wrappers
