@@ -105,3 +105,14 @@ def test_posttraining_divergence_is_one_line(prog, trainer, entry, tmp_path, mon
     assert main(["--model", "m", "--data", "d", "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err == f"{prog}: non-finite loss nan at step 3\n"
+
+
+def test_train_rerun_of_a_finished_run_says_nothing_was_left(tmp_path, capsys):
+    # The README's "the same command resumes": on a finished run it resumes at the last step and runs none.
+    argv = ["--preset=test", f"--out_dir={tmp_path}", "--max_steps=2", "--device=cpu"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "done at step 2, loss " in out and "loss None" not in out
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.startswith("olmo2-train: done at step 2, no step left to run") and "None" not in out

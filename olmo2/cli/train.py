@@ -143,8 +143,10 @@ def _train(argv: list[str]) -> int:
             dist_info = init_distributed(cfg.device)
             summary = Trainer(cfg, dist_info).fit(stop=stop)
             if dist_info.is_main:
-                print(f"{PROG}: done at step {summary['step']}, loss {summary['last_loss']}, "
-                      f"run folder {summary['run_dir']}")
+                # A rerun of a finished run resumes at its last step and runs none: no loss to report.
+                loss = (f"loss {summary['last_loss']}" if summary["last_loss"] is not None
+                        else "no step left to run (the checkpoint is at the last step)")
+                print(f"{PROG}: done at step {summary['step']}, {loss}, run folder {summary['run_dir']}")
         except TrainingStopped as exc:
             print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
             return exit_code(exc.signum)
