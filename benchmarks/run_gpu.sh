@@ -342,9 +342,11 @@ step_quick() {
   [ "$DRY_RUN" = 1 ] && QUICK_BUDGET=${OLMO2_QUICK_BUDGET:-600}
   QUICK_T0=$SECONDS
   QUICK_DEADLINE=$((SECONDS + QUICK_BUDGET))
+  # Seven, the most that sync_out copies beside the tarball; build.log, env.json and every
+  # log are in results.tar.gz.
   KEEP_FILES=("$RESULTS/quick_summary.txt" "$RESULTS/verdict_triton.json" "$RESULTS/verdict_ext.json"
               "$RESULTS/kernels_quick.json" "$RESULTS/model_quick.json" "$RESULTS/dpo_quick.json"
-              "$RESULTS/generate_quick.json" "$RESULTS/build.log" "$RESULTS/env.json")
+              "$RESULTS/generate_quick.json")
   local verdict_args bench_extra=() kernels_extra=() tokens=16384 budget=0.1 jobs=5 ext=cuda lim flash=0
   if [ "$DRY_RUN" = 1 ]; then
     # CPU: tiny shapes; Triton under its interpreter; the extension's C++ kernels stand in for its CUDA

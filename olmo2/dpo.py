@@ -126,8 +126,9 @@ class DPOConfig:
 # in docs/archived_dev_scripts/olmo2_1124.sh ran 5e-7..3e-6 (7B) and 5e-7..2e-6 (13B),
 # and an RL run there starts from a 7B DPO model tuned at 1e-6 (an earlier preset
 # here had 1e-6); the shipped config files are followed. Also as
-# configs/dpo-olmo2-{7b,13b}.yaml. tulu3_8b: Tülu 3 8B's DPO (lr 5e-7, the same
-# recipe), from the Tülu 3 report (arXiv:2411.15124) as recalled, not re-checked.
+# configs/dpo-olmo2-{7b,13b}.yaml. tulu3_8b: Tülu 3 8B's DPO, checked against
+# allenai/open-instruct configs/train_configs/tulu3/tulu3_dpo_8b.yaml (lr 5e-7 linear,
+# warmup 0.1, no weight decay, 1 epoch, dpo_norm, beta 5, 2048 tokens, batch 1 x 16 x 8 GPUs = 128).
 PRESETS: dict[str, dict] = {
     name: dict(loss_type="dpo_norm", beta=5.0, lr=5e-7, max_length=2048, micro_batch_size=1, grad_accum=128,
                warmup_ratio=0.1, epochs=1, weight_decay=0.0)
