@@ -22,17 +22,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, argv: list) -> None:
+def _worker(rank: int, world: int, port: int, argv: list, teardown: str | None) -> None:
+    import json
+
+    import olmo2.cli.train as cli_train
+
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    leave = cli_train.destroy_distributed
+
+    def leave_and_record() -> bool:  # what olmo2-train's own exit path reports
+        threads = len(os.listdir("/proc/self/task"))
+        released = leave()
+        with open(f"{teardown}{rank}.json", "w") as f:
+            json.dump({"released": released, "threads_joined": threads - len(os.listdir("/proc/self/task"))}, f)
+        return released
+
+    if teardown:
+        cli_train.destroy_distributed = leave_and_record
     code = main(argv)
     if code:
         raise SystemExit(code)
 
 
-def run_ranks(argv: list, world: int = 2) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), argv), nprocs=world, join=True)
+def run_ranks(argv: list, world: int = 2, teardown: str | None = None) -> None:
+    """``teardown``: a path prefix; rank r writes there (``<prefix><r>.json``) whether
+    olmo2-train's ``destroy_distributed`` released the default group."""
+    mp.spawn(_worker, args=(world, _free_port(), argv, teardown), nprocs=world, join=True)
 
 
 def argv_for(root, data, strategy: str) -> list:
@@ -50,7 +67,7 @@ def runs(tmp_path_factory):
     data = synthetic_tokens(root / "syn.npy")
     assert main(argv_for(root, data, "none")) == 0  # one process: 2 micro-batches of 2 instances
     for strategy in ("fsdp", "ddp"):  # two ranks: 1 micro-batch of 2 instances each
-        run_ranks(argv_for(root, data, strategy))
+        run_ranks(argv_for(root, data, strategy), teardown=str(root / f"{strategy}-teardown-rank"))
     return root, data
 
 
@@ -69,6 +86,21 @@ def test_two_ranks_match_one_process(runs, strategy):
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert any(not torch.equal(value, weights(root / strategy / "checkpoints" / "step00000002")[name])
                for name, value in got.items())
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_ranks_release_the_process_group_at_the_end(runs, strategy):
+    """olmo2-train leaves through destroy_distributed, which must release the default group and
+    so join its gloo threads (counted in /proc/self/task: Linux) before the interpreter exits; a
+    gloo thread dropping a collective's tensors during the exit aborts the process (SIGABRT, see
+    destroy_distributed). Under FSDP2 the group outlived the model until DTensor's
+    sharding-propagation caches, which hold every parameter's device mesh, were emptied."""
+    import json
+
+    root, _ = runs
+    for rank in range(2):
+        teardown = json.loads((root / f"{strategy}-teardown-rank{rank}.json").read_text())
+        assert teardown["released"] is True and teardown["threads_joined"] > 0, (rank, teardown)
 
 
 def test_two_rank_fsdp_checkpoint_resumes_in_one_process(runs, tmp_path):

@@ -353,16 +353,17 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for shard in (True, False):  # FSDP2 first: the default group's collectives come last
             model = tiny_model()
             if shard:  # FSDP2: the forward is collective; ranks must run as many batches
-                from torch.distributed.device_mesh import DeviceMesh
                 from torch.distributed.fsdp import fully_shard
 
-                # A group of its own: an FSDP2-wrapped Olmo2 is not freed when dropped (torch 2.13:
-                # something outside Python's collector keeps it), so the group it holds outlives
-                # destroy_distributed; the default group, which gathers the results, must not.
-                mesh = DeviceMesh.from_group(torch.distributed.new_group(), "cpu")
+                from olmo2.train.parallel import fsdp_mesh
+
+                # Over the default group, as olmo2-train shards: destroy_distributed must release
+                # it all the same (DTensor's caches keep the mesh until it empties them).
+                mesh = fsdp_mesh("cpu")
                 for layer in model.model.layers:
                     fully_shard(layer, mesh=mesh)
                 fully_shard(model, mesh=mesh)
+                del layer, mesh  # both hold the default group: only the model may
             result = evaluate_tasks(model, [task], batch_tokens=300, progress=False)[0]
             with open(f"{out_dir}/rank{rank}-{'fsdp2' if shard else 'replicated'}.json", "w") as f:
                 json.dump(result.metrics, f)
