@@ -176,9 +176,10 @@ def drop_dtensor_caches() -> None:
         clear()
     import functools
 
+    cache_type = functools._lru_cache_wrapper  # the type of every lru_cache and cache (CPython 3.5+)
     for obj in gc.get_objects():  # every functools cache that DTensor's modules made
-        if (isinstance(obj, functools._lru_cache_wrapper)
-                and str(getattr(obj, "__module__", "")).startswith("torch.distributed.tensor")):
+        # type(), not isinstance: that reads __class__, which some torch objects answer with a warning
+        if type(obj) is cache_type and str(getattr(obj, "__module__", "")).startswith("torch.distributed.tensor"):
             obj.cache_clear()
 
 
