@@ -202,7 +202,7 @@ def _worker(rank: int, world: int, port: int, argv: list) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_rank_fsdp_async_saves_equal_synchronous_ones(tmp_path):
     import torch.multiprocessing as mp
-    from test_distributed import _free_port
+    from gloo_ranks import free_port
 
     data = synthetic_tokens(tmp_path / "syn.npy")
     for mode in ("true", "false"):
@@ -210,7 +210,7 @@ def test_two_rank_fsdp_async_saves_equal_synchronous_ones(tmp_path):
                 f"--data.sources=[{{paths: [{data}]}}]", "--max_steps=4", "--checkpoint.interval=2",
                 "--checkpoint.keep_last=0", "--checkpoint.export_hf=false", f"--checkpoint.async_save={mode}",
                 "--progress=false", "--tensorboard=false"]
-        mp.spawn(_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), argv), nprocs=2, join=True)
     for step in ("step00000002", "step00000004"):
         paths = [tmp_path / f"async-{mode}" / "checkpoints" / step for mode in ("true", "false")]
         assert all(ckpt.verify_checkpoint(p) for p in paths)

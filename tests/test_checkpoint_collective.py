@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -25,18 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from gloo_ranks import free_port, spawn_with_deadline
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 DEADLINE_S = 120  # the whole two-rank run; each failure must be agreed on within FAIL_S
 FAIL_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _attempt(fn) -> tuple[str | None, float]:
@@ -145,13 +139,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
 def test_a_save_step_failing_on_one_rank_fails_on_every_rank_at_once(tmp_path):
     (tmp_path / "blocked").write_text("a file where the checkpoint folder should be")
     world = 2
-    context = mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the two ranks did not finish within {DEADLINE_S} s (a rank waiting for the other?)")
+    spawn_with_deadline(_worker, (world, free_port(), str(tmp_path)), world, DEADLINE_S)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     r0, r1 = ranks
 
@@ -242,13 +230,7 @@ def test_every_command_stops_every_rank_in_one_line_when_the_save_fails_on_one(t
                    "--parallel.strategy=fsdp", f"--data.sources=[{{paths: [{data}]}}]", "--max_steps=2",
                    "--checkpoint.export_hf=false", "--progress=false", "--tensorboard=false"]),
     ]
-    context = mp.spawn(_cli_worker, args=(2, _free_port(), runs, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + DEADLINE_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the two ranks did not finish within {DEADLINE_S} s (a rank waiting for the other?)")
+    spawn_with_deadline(_cli_worker, (2, free_port(), runs, str(tmp_path)), 2, DEADLINE_S)
     tmp = {"train": run / "checkpoints" / ".tmp-step00000002", "sft": blocked["sft"] / ".tmp-step00000001",
            "rl": blocked["rl"] / ".tmp-step00000001"}
     for name, _ in runs:

@@ -1,7 +1,6 @@
 """Two ranks on CPU (gloo): FSDP2 and DDP match one process with the same global
 batch, and a checkpoint written by two ranks resumes in one."""
 import os
-import socket
 
 import pytest
 import torch
@@ -11,20 +10,13 @@ import torch.multiprocessing as mp
 from olmo2.cli.train import main
 from olmo2.train import Trainer
 from olmo2.train import checkpoint as ckpt
+from gloo_ranks import assert_released, free_port, leave_and_record
 from test_train_utils import make_config, synthetic_tokens
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, argv: list, teardown: str | None) -> None:
-    import json
-
     import olmo2.cli.train as cli_train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -32,15 +24,8 @@ def _worker(rank: int, world: int, port: int, argv: list, teardown: str | None) 
     torch.set_num_threads(1)
     leave = cli_train.destroy_distributed
 
-    def leave_and_record() -> bool:  # what olmo2-train's own exit path reports
-        threads = len(os.listdir("/proc/self/task"))
-        released = leave()
-        with open(f"{teardown}{rank}.json", "w") as f:
-            json.dump({"released": released, "threads_joined": threads - len(os.listdir("/proc/self/task"))}, f)
-        return released
-
-    if teardown:
-        cli_train.destroy_distributed = leave_and_record
+    if teardown:  # what olmo2-train's own exit path reports
+        cli_train.destroy_distributed = lambda: leave_and_record(f"{teardown}{rank}.json", leave)
     code = main(argv)
     if code:
         raise SystemExit(code)
@@ -49,7 +34,7 @@ def _worker(rank: int, world: int, port: int, argv: list, teardown: str | None) 
 def run_ranks(argv: list, world: int = 2, teardown: str | None = None) -> None:
     """``teardown``: a path prefix; rank r writes there (``<prefix><r>.json``) whether
     olmo2-train's ``destroy_distributed`` released the default group."""
-    mp.spawn(_worker, args=(world, _free_port(), argv, teardown), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), argv, teardown), nprocs=world, join=True)
 
 
 def argv_for(root, data, strategy: str) -> list:
@@ -95,12 +80,8 @@ def test_two_ranks_release_the_process_group_at_the_end(runs, strategy):
     gloo thread dropping a collective's tensors during the exit aborts the process (SIGABRT, see
     destroy_distributed). Under FSDP2 the group outlived the model until DTensor's
     sharding-propagation caches, which hold every parameter's device mesh, were emptied."""
-    import json
-
     root, _ = runs
-    for rank in range(2):
-        teardown = json.loads((root / f"{strategy}-teardown-rank{rank}.json").read_text())
-        assert teardown["released"] is True and teardown["threads_joined"] > 0, (rank, teardown)
+    assert_released(root / f"{strategy}-teardown-rank")
 
 
 def test_two_rank_fsdp_checkpoint_resumes_in_one_process(runs, tmp_path):

@@ -342,7 +342,8 @@ def test_plot_of_a_run(tmp_path, capsys):
 def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import os
 
-    from olmo2.train.parallel import destroy_distributed, init_distributed
+    from gloo_ranks import leave_and_record
+    from olmo2.train.parallel import init_distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -369,10 +370,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 json.dump(result.metrics, f)
         del model
     finally:
-        threads = len(os.listdir("/proc/self/task"))
-        released = destroy_distributed()
-    with open(f"{out_dir}/rank{rank}-released.json", "w") as f:
-        json.dump({"released": released, "threads_joined": threads - len(os.listdir("/proc/self/task"))}, f)
+        leave_and_record(f"{out_dir}/released-rank{rank}.json")
 
 
 @pytest.mark.slow
@@ -384,22 +382,18 @@ def test_two_ranks_score_slices_and_agree_with_one(tmp_path, byte):
     dropping the last gather's tensors when the interpreter shuts down aborts the process (SIGABRT,
     "terminate called without an active exception"): 1 in 30 runs of this test on a loaded 2-core
     machine before the group was released."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    from gloo_ranks import assert_released, free_port
+
+    mp.spawn(_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     task = task_from_examples("toy:rc", examples(9, seed=4), byte, max_length=64)
     single = evaluate_tasks(tiny_model(), [task], batch_tokens=300, progress=False)[0].metrics
     for rank in range(2):
         for kind in ("replicated", "fsdp2"):
             got = json.loads((tmp_path / f"rank{rank}-{kind}.json").read_text())
             assert got == pytest.approx(single, rel=1e-5), (rank, kind)
-        teardown = json.loads((tmp_path / f"rank{rank}-released.json").read_text())
-        assert teardown["released"] is True and teardown["threads_joined"] > 0, (rank, teardown)
+    assert_released(tmp_path / "released-rank")
 
 
 # ---------------------------------------------------------------------- in the trainer

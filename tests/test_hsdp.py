@@ -9,7 +9,6 @@
   (DCP reshards) and ends at step 4 matching the run that never stopped.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -20,18 +19,13 @@ from olmo2.cli.train import main
 from olmo2.config import Olmo2Config
 from olmo2.train import checkpoint as ckpt
 from olmo2.train.init import build_model
+from gloo_ranks import free_port
 from test_train_utils import synthetic_tokens
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
               pytest.mark.slow]
 
 SEED = 7
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, argv: list, init_dir: str) -> None:
@@ -55,7 +49,7 @@ def _worker(rank: int, world: int, port: int, argv: list, init_dir: str) -> None
 
 
 def run_ranks(argv: list, world: int, init_dir) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), argv, str(init_dir)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), argv, str(init_dir)), nprocs=world, join=True)
 
 
 def argv_for(root, data, name: str, *extra: str) -> list:

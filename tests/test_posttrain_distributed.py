@@ -2,10 +2,7 @@
 process with the same global batch and log the same held-out evaluation, and a
 checkpoint written by two ranks resumes in one. One spawn runs every two-rank command (a process group each time would
 cost more than the runs)."""
-import datetime
 import json
-import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from safetensors.torch import load_file
 
 from olmo2.checkpoint_hf import save_pretrained
 from olmo2.tokenizers import save_tokenizer
+from gloo_ranks import assert_released, free_port, join_gloo, leave_and_record
 from test_sft import tiny
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
@@ -30,12 +28,6 @@ SFT = [*COMMON, "packing=false", "lr=1e-2", "epochs=1"]
 DPO = [*COMMON, "lr=5e-3", "beta=1.0", "epochs=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def even_sum_verifiers() -> dict:
     """The verifier registry with test_even_sum (code points summing to an even number: a random tiny model
     answers about half right), for eval.prompts."""
@@ -47,24 +39,16 @@ def even_sum_verifiers() -> dict:
 def _worker(rank: int, world: int, port: int, runs: list, teardown: str) -> None:
     import olmo2.rl.verifiers as V
     from olmo2.cli import dpo, sft
-    from olmo2.train.parallel import destroy_distributed, import_group_default_binders
 
     V.VERIFIERS = even_sum_verifiers()
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    import_group_default_binders()  # or ten default arguments hold the group: see its docstring
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=5))
+    join_gloo(rank, world, port)
     try:
         for command, argv in runs:
             code = (sft if command == "sft" else dpo).main(argv)
             if code:
                 raise SystemExit(f"rank {rank}: olmo2-{command} {argv} exited {code}")
     finally:
-        threads = len(os.listdir("/proc/self/task"))
-        released = destroy_distributed()
-        with open(f"{teardown}{rank}.json", "w") as f:
-            json.dump({"released": released, "threads_joined": threads - len(os.listdir("/proc/self/task"))}, f)
+        leave_and_record(f"{teardown}{rank}.json")
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +99,7 @@ def runs(tmp_path_factory):
                 argv("sft", "sft-stopped", "strategy=fsdp", "hard_stop=2", evaluate=False),
                 argv("dpo", "dpo-fsdp", "strategy=fsdp"), argv("dpo", "dpo-ddp", "strategy=ddp"),
                 argv("dpo", "dpo-stopped", "strategy=fsdp", "hard_stop=2")]
-    mp.spawn(_worker, args=(2, _free_port(), two_rank, str(root / "teardown-rank")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), two_rank, str(root / "teardown-rank")), nprocs=2, join=True)
     return root, argv
 
 
@@ -124,9 +108,7 @@ def test_two_ranks_release_the_process_group_at_the_end(runs):
     and joins its gloo threads (a gloo thread left to the interpreter's exit can abort it: see
     destroy_distributed); under FSDP2, DTensor's caches held it until emptied."""
     root, _ = runs
-    for rank in range(2):
-        teardown = json.loads((root / f"teardown-rank{rank}.json").read_text())
-        assert teardown["released"] is True and teardown["threads_joined"] > 0, (rank, teardown)
+    assert_released(root / "teardown-rank")
 
 
 def weights(folder):

@@ -3,10 +3,7 @@
 of one process on the same global batch, log the same rollout metrics and the same greedy
 evaluation, and a checkpoint written by two ranks finishes in one process. One spawn runs
 every two-rank command."""
-import datetime
 import json
-import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from safetensors.torch import load_file
 import olmo2.rl.verifiers as V
 from olmo2.checkpoint_hf import save_pretrained
 from olmo2.tokenizers import save_tokenizer
+from gloo_ranks import assert_released, free_port, join_gloo, leave_and_record
 from test_sft import tiny
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
@@ -39,32 +37,18 @@ def parity(text, reference):
     return len(text) > 0 and (ord(text[0]) + int(reference)) % 2 == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, runs: list, teardown: str) -> None:
     from olmo2.cli import rl
-    from olmo2.train.parallel import destroy_distributed, import_group_default_binders
 
     V.VERIFIERS = {**V.VERIFIERS, "test_parity": parity}
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    import_group_default_binders()  # or ten default arguments hold the group: see its docstring
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=5))
+    join_gloo(rank, world, port)
     try:
         for argv in runs:
             code = rl.main(argv)
             if code:
                 raise SystemExit(f"rank {rank}: olmo2-rl {argv} exited {code}")
     finally:
-        threads = len(os.listdir("/proc/self/task"))
-        released = destroy_distributed()
-        with open(f"{teardown}{rank}.json", "w") as f:
-            json.dump({"released": released, "threads_joined": threads - len(os.listdir("/proc/self/task"))}, f)
+        leave_and_record(f"{teardown}{rank}.json")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +72,7 @@ def runs(tmp_path_factory):
     V.VERIFIERS = {**saved, "test_parity": parity}
     try:
         assert rl.main(argv("one", "sampling_seed=prompt")) == 0  # one process: the reference
-        mp.spawn(_worker, args=(2, _free_port(), [argv("fsdp", "strategy=fsdp"), argv("ddp", "strategy=ddp"),
+        mp.spawn(_worker, args=(2, free_port(), [argv("fsdp", "strategy=fsdp"), argv("ddp", "strategy=ddp"),
                                                   argv("stopped", "strategy=fsdp", "hard_stop=2")],
                                 str(root / "teardown-rank")),
                  nprocs=2, join=True)
@@ -101,9 +85,7 @@ def test_two_ranks_release_the_process_group_at_the_end(runs):
     """After FSDP2 and DDP runs, destroy_distributed releases the default group and joins its gloo
     threads (a gloo thread left to the interpreter's exit can abort it: see destroy_distributed)."""
     root, _ = runs
-    for rank in range(2):
-        teardown = json.loads((root / f"teardown-rank{rank}.json").read_text())
-        assert teardown["released"] is True and teardown["threads_joined"] > 0, (rank, teardown)
+    assert_released(root / "teardown-rank")
 
 
 def weights(folder):
