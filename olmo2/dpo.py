@@ -43,7 +43,6 @@ import contextlib
 import math
 import pickle
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,13 +62,11 @@ from .sft import (
     check_common,
     checkpoint_dir,
     collate,
-    data_order,
-    finish_run,
     load_tokenizer_for,
-    open_metrics,
     pad_id_for,
     rank_share,
     read_heldout,
+    run_steps,
     setup_model,
 )
 from .train.parallel import DistInfo, all_reduce_sum, no_grad_sync
@@ -408,47 +405,14 @@ def train_dpo(cfg: DPOConfig, log=_log) -> dict:
     state = checkpointer.resume()
     if state is not None:
         check_reference(state, extra, checkpointer.resumed_from)
-    step, first_epoch, position = (state["step"], state["epoch"], state["position"]) if state else (0, 0, 0)
-    stop = min(total_steps, cfg.hard_stop) if cfg.hard_stop else total_steps
-    saved_step = step if state else -1
-    history: list[dict] = []
-    par.model.train()
-    metrics = open_metrics(cfg, par, total_steps, step)
-    log = checkpointer.log = metrics.console(log)  # lines printed around the progress bar, when there is one
-    try:
-        if evaluation is not None and step == 0:
-            evaluation.maybe(0, metrics, log)  # eval.at_start
-        for epoch in range(first_epoch, cfg.epochs):
-            order = data_order(len(pairs), cfg.seed, epoch)
-            for start in range(position if epoch == first_epoch else 0, len(order), per_step):
-                if step >= stop:
-                    break
-                started = time.perf_counter()
-                row = dpo_step(par, pairs, order[start : start + per_step], ref, pad_id, cfg)
-                if not math.isfinite(row["loss"]):
-                    raise FloatingPointError(f"olmo2-dpo: non-finite loss {row['loss']} at step {step}")
-                lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                history.append(row)
-                metrics.log(step, {**row, "lr": lr, "epoch": epoch,
-                                   "step_time_s": round(time.perf_counter() - started, 4)},
-                            bar_keys=("loss", "margin", "lr"))
-                if metrics.bar is None:  # with progress=true the bar shows the step
-                    log(f"step {step}/{total_steps} " + " ".join(f"{k} {v:.4f}" for k, v in row.items()))
-                if evaluation is not None:
-                    evaluation.maybe(step, metrics, log)
-                next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
-                if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
-                    checkpointer.save(step, next_epoch, next_pos, extra)
-                    saved_step = step
-            if step >= stop:
-                break
-        if saved_step != step:
-            checkpointer.save(step, cfg.epochs, 0, extra)
-    finally:
-        metrics.close()
-    finish_run(par, cfg, step, total_steps, tokenizer_spec, "dpo_config.json", log)
+
+    def one_step(indices: list[int]) -> dict:
+        return dpo_step(par, pairs, indices, ref, pad_id, cfg)
+
+    def describe(row: dict, lr: float) -> str:
+        return " ".join(f"{k} {v:.4f}" for k, v in row.items())
+
+    step, history = run_steps(cfg, par, checkpointer, optimizer, scheduler, state, total_steps, len(pairs), per_step,
+                              one_step, describe, evaluation, log, tokenizer_spec, "olmo2-dpo", "dpo_config.json",
+                              extra, bar_keys=("loss", "margin", "lr"))
     return {"history": history, "steps": step, "bad_records": len(report.bad)}

@@ -590,52 +590,20 @@ def train_sft(cfg: SFTConfig, log=_log) -> dict:
         f"({par.strategy} on {par.dist.world_size} rank(s))")
     checkpointer = PostTrainCheckpointer(cfg, par.model, optimizer, scheduler, len(rows), log, par.precision)
     state = checkpointer.resume()
-    step, first_epoch, position = (state["step"], state["epoch"], state["position"]) if state else (0, 0, 0)
-    losses: list[float] = []
-    par.model.train()
-    stop = min(total_steps, cfg.hard_stop) if cfg.hard_stop else total_steps
-    saved_step = step if state else -1
-    metrics = open_metrics(cfg, par, total_steps, step)
-    log = checkpointer.log = metrics.console(log)  # lines printed around the progress bar, when there is one
-    try:
-        if evaluation is not None and step == 0:
-            evaluation.maybe(0, metrics, log)  # eval.at_start
-        for epoch in range(first_epoch, cfg.epochs):
-            order = data_order(len(rows), cfg.seed, epoch)
-            for start in range(position if epoch == first_epoch else 0, len(order), per_step):
-                if step >= stop:
-                    break
-                started = time.perf_counter()
-                chunk = [rows[i] for i in order[start : start + per_step]]
-                micro = [collate(chunk[i : i + cfg.micro_batch_size], pad_id, cfg.packing)
-                         for i in range(0, len(chunk), cfg.micro_batch_size)]
-                loss, count = step_loss(par.model, micro, par.device, par.dist, par.autocast)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"olmo2-sft: non-finite loss {loss} at step {step}")
-                lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss)
-                step += 1
-                seconds = time.perf_counter() - started
-                metrics.log(step, {"loss": loss, "target_tokens": count, "lr": lr, "epoch": epoch,
-                                   "step_time_s": round(seconds, 4)})
-                if metrics.bar is None:  # with progress=true the bar shows the step
-                    log(f"step {step}/{total_steps} loss {loss:.4f} tokens {count} lr {lr:.3g}")
-                if evaluation is not None:
-                    evaluation.maybe(step, metrics, log)
-                next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
-                if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
-                    checkpointer.save(step, next_epoch, next_pos)
-                    saved_step = step
-            if step >= stop:
-                break
-        if saved_step != step:
-            checkpointer.save(step, cfg.epochs, 0)
-    finally:
-        metrics.close()
-    finish_run(par, cfg, step, total_steps, tokenizer_spec, "sft_config.json", log)
+
+    def one_step(indices: list[int]) -> dict:
+        chunk = [rows[i] for i in indices]
+        micro = [collate(chunk[i : i + cfg.micro_batch_size], pad_id, cfg.packing)
+                 for i in range(0, len(chunk), cfg.micro_batch_size)]
+        loss, count = step_loss(par.model, micro, par.device, par.dist, par.autocast)
+        return {"loss": loss, "target_tokens": count}
+
+    def describe(row: dict, lr: float) -> str:
+        return f"loss {row['loss']:.4f} tokens {row['target_tokens']} lr {lr:.3g}"
+
+    step, history = run_steps(cfg, par, checkpointer, optimizer, scheduler, state, total_steps, len(rows), per_step,
+                              one_step, describe, evaluation, log, tokenizer_spec, "olmo2-sft", "sft_config.json")
+    losses = [row["loss"] for row in history]
     return {"losses": losses, "steps": step, "bad_records": len(report.bad)}
 
 
@@ -663,6 +631,62 @@ def finish_run(par: Parallel, cfg, step: int, total_steps: int, tokenizer_spec: 
     par.model.eval()
     export_model(par, Path(cfg.output), tokenizer_spec, cfg, config_name)
     log(f"wrote {cfg.output}")
+
+
+def run_steps(cfg, par: Parallel, checkpointer: PostTrainCheckpointer, optimizer, scheduler, state: dict | None,
+              total_steps: int, n_items: int, per_step: int, one_step, describe, evaluation, log,
+              tokenizer_spec: str, command: str, config_name: str, extra: dict | None = None,
+              bar_keys: tuple[str, ...] = ("loss", "grad_norm", "lr")) -> tuple[int, list[dict]]:
+    """The step loop SFT and DPO share, from ``state`` (a resumed checkpoint's, or None):
+    each step ``one_step(indices)`` (the step's items of this epoch's order) computes the
+    gradients and returns its metrics (``loss`` first), then the optimizer and schedule
+    step; metrics are logged (``describe(row, lr)``: the console line), ``evaluation`` runs
+    at its interval (and at step 0 with ``eval.at_start``), checkpoints are saved every
+    ``save_interval`` steps and at the end (``extra`` recorded in each), and the run ends
+    with :func:`finish_run`. Returns (the last step, the steps' metrics)."""
+    step, first_epoch, position = (state["step"], state["epoch"], state["position"]) if state else (0, 0, 0)
+    history: list[dict] = []
+    par.model.train()
+    stop = min(total_steps, cfg.hard_stop) if cfg.hard_stop else total_steps
+    saved_step = step if state else -1
+    metrics = open_metrics(cfg, par, total_steps, step)
+    log = checkpointer.log = metrics.console(log)  # lines printed around the progress bar, when there is one
+    try:
+        if evaluation is not None and step == 0:
+            evaluation.maybe(0, metrics, log)  # eval.at_start
+        for epoch in range(first_epoch, cfg.epochs):
+            order = data_order(n_items, cfg.seed, epoch)
+            for start in range(position if epoch == first_epoch else 0, len(order), per_step):
+                if step >= stop:
+                    break
+                started = time.perf_counter()
+                row = one_step(order[start : start + per_step])
+                if not math.isfinite(row["loss"]):
+                    raise FloatingPointError(f"{command}: non-finite loss {row['loss']} at step {step}")
+                lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                history.append(row)
+                metrics.log(step, {**row, "lr": lr, "epoch": epoch,
+                                   "step_time_s": round(time.perf_counter() - started, 4)}, bar_keys=bar_keys)
+                if metrics.bar is None:  # with progress=true the bar shows the step
+                    log(f"step {step}/{total_steps} {describe(row, lr)}")
+                if evaluation is not None:
+                    evaluation.maybe(step, metrics, log)
+                next_epoch, next_pos = (epoch, start + per_step) if start + per_step < len(order) else (epoch + 1, 0)
+                if step == stop or (cfg.save_interval and step % cfg.save_interval == 0):
+                    checkpointer.save(step, next_epoch, next_pos, extra)
+                    saved_step = step
+            if step >= stop:
+                break
+        if saved_step != step:
+            checkpointer.save(step, cfg.epochs, 0, extra)
+    finally:
+        metrics.close()
+    finish_run(par, cfg, step, total_steps, tokenizer_spec, config_name, log)
+    return step, history
 
 
 def open_metrics(cfg, par: Parallel, total_steps: int, start_step: int):
