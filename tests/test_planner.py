@@ -199,9 +199,9 @@ TWO_RANK_CASES = [("fsdp", "test"), ("fsdp", "tiny"), ("ddp", "test"), ("ddp", "
 def test_total_within_10_percent_of_measured_peak_two_gloo_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    from test_distributed import _free_port
+    from gloo_ranks import free_port
 
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for strategy, case in TWO_RANK_CASES:
         for rank in range(2):
             measured, planned = map(int, (tmp_path / f"{strategy}-{case}.rank{rank}").read_text().split())
